@@ -1,0 +1,48 @@
+# The two commands of the README are `make reproduce` (the main job) and `make test` (the whole suite).
+# Both create .venv and install the pinned stack when it is missing or out of date; both are idempotent.
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt settings.ini setup.py | md5sum | cut -c1-10)
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-nbs test-py reproduce readme docs lab export clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mm_research)" >/dev/null
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: setup test-nbs test-py
+
+test-nbs: setup
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+test-py: setup
+	$(BIN)/pytest tests -q --durations=15
+
+reproduce: setup
+	$(BIN)/mmr reproduce
+	$(MAKE) readme
+
+readme: setup
+	$(BIN)/python -m mm_research.site readme
+
+docs: setup
+	$(BIN)/python -m mm_research.site docs
+
+lab: setup
+	$(BIN)/jupyter lab nbs
+
+export: setup
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+clean:
+	rm -rf _proc _docs site runs

@@ -1,0 +1,105 @@
+"""`mmr`: list, run (papermill end to end), reproduce, and the errors it gives before running anything."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from mm_research.cli import main
+
+MMR = [sys.executable, "-c", "import sys; from mm_research.cli import main; sys.exit(main())"]
+
+
+def mmr(*args, env=None, cwd=None):
+    "Run the `mmr` entry point in a subprocess; returns the CompletedProcess."
+    return subprocess.run([*MMR, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
+                          timeout=600)
+
+
+def test_list_shows_notebooks_parameters_defaults_and_types():
+    out = mmr("list")
+    assert out.returncode == 0, out.stderr
+    assert "01_zoo" in out.stdout
+    assert "batch_size       int    = 2" in out.stdout
+
+
+def test_run_real_notebook_with_override(runs):
+    out = mmr("run", "01_zoo", "-p", "batch_size", "3", "--device", "cpu", env={"MMR_RUNS": str(runs)})
+    assert out.returncode == 0, out.stderr
+    (folder,) = list((runs / "01_zoo").iterdir())
+    params = json.loads((folder / "params.json").read_text())
+    assert params["batch_size"] == 3 and params["device"] == "cpu" and params["new_tokens"] == 3
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert {v["batch_size"] for v in metrics["tiny"].values()} == {3}  # the override reached the notebook
+    assert metrics["reference"]["llava-1.5-7b"]["parameters"] == 7_063_427_072
+    env = json.loads((folder / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["transformers"].startswith("5.")
+    executed = nbformat.read(folder / "01_zoo.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+
+
+def _notebook(path, *sources, params="x = 1\nrun_dir = None"):
+    cells = [nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]})]
+    cells += [nbformat.v4.new_code_cell(s) for s in sources]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def nbs(tmp_path, monkeypatch):
+    "A notebooks folder with one passing and one failing runnable notebook."
+    d = tmp_path / "nbs"
+    d.mkdir()
+    _notebook(d / "50_ok.ipynb", "import json, pathlib\n"
+              "pathlib.Path(run_dir, 'metrics.json').write_text(json.dumps({'x_seen': x}))")
+    _notebook(d / "60_fails.ipynb", "y = x * 2", "raise RuntimeError('boom in the third cell')", "z = 3")
+    monkeypatch.setenv("MMR_NBS", str(d))
+    return d
+
+
+def test_failing_notebook_exits_nonzero_and_keeps_executed_notebook(nbs, runs):
+    out = mmr("run", "60_fails", "-p", "x", "5")
+    assert out.returncode == 1
+    assert "failed in cell In[4] `raise RuntimeError('boom in the third cell')`" in out.stderr
+    assert "RuntimeError: boom in the third cell" in out.stderr
+    (folder,) = list((runs / "60_fails").iterdir())
+    executed = nbformat.read(folder / "60_fails.ipynb", as_version=4)
+    assert any(o.get("ename") == "RuntimeError" for c in executed.cells for o in c.get("outputs", []))
+    assert json.loads((folder / "params.json").read_text())["x"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "99_nope"], "Unknown notebook '99_nope'"),
+    (["run", "50_ok", "-p", "y", "1"], "50_ok has no parameter 'y'"),
+    (["run", "50_ok", "-p", "x", "one"], "Parameter 'x' expects int"),
+])
+def test_bad_input_is_refused_before_running(nbs, runs, args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists()  # nothing ran, nothing was written
+
+
+def test_reproduce_continues_past_failure_and_reports(nbs, runs, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("50_ok:\n  x: 7\n")
+    out = mmr("reproduce", "-f", str(params))
+    assert out.returncode == 1 and "Failed: 60_fails" in out.stderr
+    (root,) = [p for p in (runs / "reproduce").iterdir() if p.is_dir()]
+    results = {r["name"]: r for r in json.loads((root / "results.json").read_text())}
+    assert results["50_ok"]["status"] == "ok" and results["60_fails"]["status"] == "failed"
+    assert json.loads((root / "50_ok" / "metrics.json").read_text()) == {"x_seen": 7}
+    report = (root / "report.md").read_text()
+    assert "| [60_fails](60_fails/60_fails.ipynb) | failed |" in report and "x_seen | 7" in report
+    assert (root / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_reproduce_validates_parameter_files_first(nbs, runs, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("50_ok:\n  x: not-a-number\n")
+    out = mmr("reproduce", "-f", str(bad))
+    assert out.returncode == 2 and "Parameter 'x' expects int" in out.stderr
+    assert not (runs / "reproduce").exists()

@@ -1,0 +1,119 @@
+"Parameter accounting, the phase profiler, estimates and `memory_main` (mm_research.memory)."
+import json, os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest, torch
+from torch import nn
+from peft import LoraConfig, get_peft_model
+from mm_research.inspect import lora_targets
+from mm_research.memory import (MemoryProfiler, estimate, memory_main, param_summary, param_table, profile,
+                                reference_estimates, state_bytes)
+from mm_research.zoo import load_model
+
+MB = 10**6
+TINY = ["tiny-qwen2-audio", "tiny-llava", "tiny-blip2", "tiny-efficientnet"]
+
+
+def test_accounting_matches_peft_on_tower_only_lora():
+    base = load_model("tiny-qwen2-audio", device="cpu")
+    targets = lora_targets(base, "audio_encoder", kinds=("q", "k", "v"))
+    linears = [m for n, m in base.named_modules() if n in set(targets.modules)]
+    expected = sum(8 * (m.in_features + m.out_features) for m in linears)   # r * (in + out), r = 8
+    pm = get_peft_model(base, LoraConfig(r=8, target_modules=targets.regex))
+    trainable, total = pm.get_nb_trainable_parameters()
+    s = param_summary(pm)
+    assert (s["trainable"], s["total"]) == (trainable, total)
+    assert s["trainable"] == expected > 0
+    assert s["ratio"] == pytest.approx(trainable / total)
+    by_role = {r["role"]: r for r in param_table(pm)}
+    assert by_role["audio_encoder"]["trainable"] == expected
+    assert by_role["language_model"]["trainable"] == 0
+    assert sum(r["total"] for k, r in by_role.items() if k != "total") == total
+
+
+def test_accounting_on_meta_reference_models_and_by_dtype():
+    m = load_model("qwen2-audio-7b", dtype="bf16")
+    rows = {r["role"]: r for r in param_table(m)}
+    assert rows["audio_encoder"]["total"] == 636_968_960       # shared/reference/facts.md
+    assert rows["projector"]["total"] == 5_246_976
+    assert rows["total"]["total"] == 8_397_094_912
+    assert rows["total"]["bytes"] == 2 * 8_397_094_912
+    mixed = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10).to(torch.bfloat16))
+    mixed[0].requires_grad_(False)
+    by_dtype = {r["dtype"]: r for r in param_table(mixed, by=("dtype",))}
+    assert by_dtype["float32"] == {"dtype": "float32", "trainable": 0, "frozen": 110, "total": 110, "ratio": 0.0,
+                                   "trainable_bytes": 0, "frozen_bytes": 440, "bytes": 440}
+    assert by_dtype["bfloat16"]["trainable_bytes"] == 220
+    assert by_dtype["total"]["ratio"] == 0.5
+
+
+def test_cpu_peak_grows_with_a_known_allocation():
+    prof = MemoryProfiler("cpu", interval=0.001)
+    with prof.phase("nothing"): pass
+    with prof.phase("transient"):
+        x = torch.ones(200 * MB // 4); del x
+    with prof.phase("kept"):
+        y = torch.ones(200 * MB // 4)
+    r = prof.records
+    assert r["transient"].peak_bytes - r["transient"].start_bytes >= 0.8 * 200 * MB
+    assert r["transient"].end_bytes - r["transient"].start_bytes < 0.2 * 200 * MB
+    assert r["kept"].end_bytes - r["kept"].start_bytes >= 0.8 * 200 * MB
+    assert r["nothing"].peak_bytes - r["nothing"].start_bytes < 0.2 * 200 * MB
+    del y
+
+
+def test_state_bytes_counts_storages():
+    lin = nn.Linear(20, 30)                      # 630 parameters
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.randn(2, 20)).sum().backward(); opt.step()
+    got = state_bytes(lin, opt)
+    assert got["weights_bytes"] == 630 * 4 and got["gradients_bytes"] == 630 * 4
+    assert got["optimizer_bytes"] == 2 * 630 * 4 + 2 * 4   # exp_avg, exp_avg_sq, and a fp32 `step` per tensor
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_estimate_within_10_percent_of_measured(name):
+    p = profile(name, device="cpu", phases=("load", "train_step"))
+    meas = sum(p.measured[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes"))
+    est = sum(p.estimate[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes"))
+    assert meas > 0 and abs(est - meas) <= 0.10 * meas, (name, est, meas)
+    n_params = sum(q.numel() for q in load_model(name, meta=True).parameters())
+    assert p.measured["weights_bytes"] == 4 * n_params        # fp32 on CPU
+
+
+def test_estimate_arithmetic():
+    lin = nn.Linear(100, 50)                     # 5,050 parameters, 2 tensors
+    assert estimate(lin, dtype="fp32")["total_bytes"] == 5050 * 16 + 8
+    assert estimate(lin, dtype="bf16", trainable_dtype="fp32")["total_bytes"] == 5050 * 16 + 8
+    assert estimate(lin, dtype="bf16", master_weights=True)["total_bytes"] == 5050 * 16 + 8
+    assert estimate(lin, dtype="bf16", optimizer=None)["total_bytes"] == 5050 * 4
+    assert estimate(lin, trainable="none", dtype="bf16")["total_bytes"] == 5050 * 2
+
+
+def test_reference_estimates_of_the_three_setups():
+    rows = {r["setup"].split()[0]: r for r in reference_estimates()}
+    assert rows["qwen2-audio-7b"]["trainable"] == 3_932_160
+    assert rows["llava-1.5-7b"]["trainable"] == 1024 * 256 + 256 + 256 + 1
+    assert rows["blip2-opt-2.7b"]["trainable"] == 6 * 2 * 768
+    assert rows["blip2-opt-2.7b"]["total_bytes"] >= 2 * 3_744_679_936
+
+
+def test_bad_inputs():
+    prof = MemoryProfiler("cpu")
+    with prof.phase("forward"): pass
+    with pytest.raises(ValueError, match="already recorded"):
+        with prof.phase("forward"): pass
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"): MemoryProfiler("cuda")
+    with pytest.raises(ValueError, match="meta device"): MemoryProfiler("meta")
+    with pytest.raises(ValueError, match="cannot run a forward pass"): profile(load_model("tiny-llava", meta=True))
+    with pytest.raises(ValueError, match="reference preset"): profile("blip2-opt-2.7b")
+    with pytest.raises(ValueError, match="Unknown optimizer"): estimate(nn.Linear(2, 2), optimizer="lion")
+    with pytest.raises(ValueError, match="Did you mean 'tiny-blip2'"): memory_main("tiny-blip")
+
+
+def test_memory_main():
+    text = memory_main("llava-1.5-7b")
+    assert "7,063,427,072" in text and "estimate only" in text
+    js = json.loads(memory_main("tiny-llava", as_json=True))
+    assert [r["phase"] for r in js["phases"]] == ["load", "forward", "generate", "train_step"]
+    assert js["params"]["total"] == sum(p.numel() for p in load_model("tiny-llava", meta=True).parameters())
