@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt settings.ini setup.py |
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test test-nbs test-py reproduce readme docs lab export clean
+SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup browser test test-nbs test-py reproduce readme docs lab export clean
 
 setup: $(STAMP)
 
@@ -20,12 +22,17 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: setup test-nbs test-py
+# Debian's Chromium for the docs-site browser test.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: setup browser test-nbs test-py
 
 test-nbs: setup
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-test-py: setup
+test-py: setup browser
 	$(BIN)/pytest tests -q --durations=15
 
 reproduce: setup

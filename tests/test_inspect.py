@@ -261,6 +261,9 @@ def test_report_encoding_strategy_without_audio():
     assert (v["num_layers"], v["hidden_size"], v["layers_path"]) == (24, 1024, "model.vision_tower.encoder.layers")
     b = structure_report("blip2-opt-2.7b")
     assert (b.encoders["qformer"]["num_layers"], b.encoders["vision_encoder"]["num_layers"]) == (12, 39)
+    head = next(c for c in b.components if c["role"] == "lm_head")  # OPT ties its head to the input embedding
+    assert head["params"] == 2560 * 50272 and head["tied_to"] == ["language_model.model.decoder.embed_tokens.weight"]
+    assert "(tied to language_model.model.decoder.embed_tokens.weight)" in b.text()
 
 
 def test_report_real_weights_storage():
