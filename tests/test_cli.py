@@ -103,3 +103,29 @@ def test_reproduce_validates_parameter_files_first(nbs, runs, tmp_path):
     out = mmr("reproduce", "-f", str(bad))
     assert out.returncode == 2 and "Parameter 'x' expects int" in out.stderr
     assert not (runs / "reproduce").exists()
+
+
+def test_inspect_prints_the_report_of_a_7b_model_without_weights():
+    out = mmr("inspect", "qwen2-audio-7b")
+    assert out.returncode == 0, out.stderr
+    assert "8,397,094,912 parameters on meta; parameter storage 0 bytes" in out.stdout
+    assert "out_proj" in out.stdout and "audio_tower" in out.stdout
+    js = mmr("inspect", "llava-1.5-7b", "--json", "--depth", "1")
+    report = json.loads(js.stdout)
+    assert js.returncode == 0 and json.dumps(report)  # JSON-serialisable
+    assert "7063427072" in js.stdout.replace(",", "")
+
+
+def test_memory_command_measures_a_tiny_preset():
+    out = mmr("memory", "tiny-efficientnet", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "forward" in out.stdout and "train_step" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "qwen2-audio-7c"], "Did you mean 'qwen2-audio-7b'"),
+    (["memory", "tiny-efficientnet", "--device", "cuda:7"], "cuda"),
+])
+def test_model_commands_give_clear_errors(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
