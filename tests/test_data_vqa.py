@@ -1,0 +1,103 @@
+"Shape VQA: the on-disk layout, its loader's errors, determinism, vocabulary, and encoding for the tiny LLaVA."
+import csv
+import os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from mm_research.data import (SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa, render_scene,
+                              scene_questions)
+from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
+
+
+@pytest.fixture(scope="module")
+def vqa_root(tmp_path_factory):
+    return make_shape_vqa(tmp_path_factory.mktemp("vqa"), n_train=120, n_test=40, seed=3)
+
+
+def test_layout_and_splits(vqa_root):
+    for split, n in (("train", 120), ("test", 40)):
+        with open(vqa_root/f"{split}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == n and set(rows[0]) >= {"image", "question", "answer"}
+        assert all((vqa_root/"images"/r["image"]).is_file() for r in rows)
+    assert {r["image"] for r in load_vqa(vqa_root, "train")}.isdisjoint({r["image"] for r in load_vqa(vqa_root, "test")})
+
+
+def test_balanced_types_and_valid_answers(vqa_root):
+    rows = load_vqa(vqa_root, "train")
+    counts = {t: sum(r["type"] == t for r in rows) for t in VQA_TYPES}
+    assert counts == {t: 30 for t in VQA_TYPES}
+    assert all(r["answer"] in VQA_ANSWERS[r["type"]] for r in rows)
+    assert len({r["answer"] for r in rows if r["type"] == "color"}) >= 4       # not a constant answer
+
+
+def test_every_word_is_in_the_vocabulary(vqa_root):
+    words = {w for s in ("train", "test") for r in load_vqa(vqa_root, s) for w in (r["question"] + " " + r["answer"]).split()}
+    assert words - set(VOCAB_WORDS) - set(PUNCT) == set()
+    assert {a for ans in VQA_ANSWERS.values() for a in ans} <= set(VOCAB_WORDS)
+
+
+def test_answers_are_true_to_the_picture():
+    scene = [(0, 1, "green", "triangle"), (1, 0, "green", "circle"), (1, 1, "yellow", "circle")]
+    qs = scene_questions(scene)
+    assert ("what color is the triangle ?", "green") in qs["color"]
+    assert ("what shape is the yellow object ?", "circle") in qs["shape"]
+    assert ("how many circles are there ?", "two") in qs["count"] and ("how many shapes are there ?", "three") in qs["count"]
+    assert ("is the green triangle on the left or right ?", "right") in qs["position"]
+    assert ("is the yellow circle at the top or bottom ?", "bottom") in qs["position"]
+    assert not any("green object" in q for q, _ in qs["shape"])                  # ambiguous: two green objects
+    px = np.asarray(render_scene(scene, size=64))
+    assert np.abs(px[48, 16].astype(int) - SHAPE_COLORS["green"]).max() < 10     # centre of the bottom-left circle
+    assert np.abs(px[48, 48].astype(int) - SHAPE_COLORS["yellow"]).max() < 10
+
+
+def test_deterministic(tmp_path):
+    a = make_shape_vqa(tmp_path/"a", n_train=30, n_test=10, seed=7)
+    b = make_shape_vqa(tmp_path/"b", n_train=30, n_test=10, seed=7)
+    c = make_shape_vqa(tmp_path/"c", n_train=30, n_test=10, seed=8)
+    assert (a/"train.csv").read_bytes() == (b/"train.csv").read_bytes() != (c/"train.csv").read_bytes()
+    assert (a/"images/test_00004.png").read_bytes() == (b/"images/test_00004.png").read_bytes()
+
+
+def test_reuse_and_conflicting_settings(tmp_path):
+    root = make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0)
+    stamp = (root/"train.csv").stat().st_mtime_ns
+    assert make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0) == root and (root/"train.csv").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="use another folder"):
+        make_shape_vqa(tmp_path, n_train=21, n_test=8, seed=0)
+
+
+def test_loader_errors_list_offenders(tmp_path):
+    root = make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0)
+    for name in ("train_00002.png", "train_00005.png", "train_00009.png"):
+        (root/"images"/name).unlink()
+    with pytest.raises(FileNotFoundError, match=r"3 image file\(s\) missing") as e:
+        load_vqa(root, "train")
+    assert "train_00002.png" in str(e.value) and "train_00005.png" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="val.csv not found"):
+        load_vqa(root, "val")
+    (root/"odd.csv").write_text("picture,question\nx.png,what ?\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['image', 'answer'\]"):
+        load_vqa(root, "odd")
+    (root/"blank.csv").write_text("image,question,answer\ntest_00000.png,what color is the circle ?,\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_vqa(root, "blank")
+
+
+def test_encoded_for_tiny_llava(vqa_root):
+    from mm_research.llava import encode_vqa, vqa_training_batch
+    proc = load_processor("tiny-llava")
+    rows = load_vqa(vqa_root, "test")
+    data = encode_vqa(rows, proc)
+    assert data["pixel_values"].shape == (40, 3, 32, 32)
+    assert ((data["input_ids"] == 4).sum(1) == 16).all()                         # 16 image tokens per prompt
+    assert proc.tokenizer.convert_ids_to_tokens(data["answer_ids"].tolist()) == [r["answer"] for r in rows]
+    tb = vqa_training_batch({k: v[:4] for k, v in data.items() if torch.is_tensor(v)}, proc.tokenizer.eos_token_id)
+    assert (tb["labels"] != -100).sum(1).tolist() == [2, 2, 2, 2]
+    assert tb["labels"][:, -1].tolist() == [proc.tokenizer.eos_token_id] * 4
+    bad = [dict(rows[0], answer="octagon")]
+    with pytest.raises(ValueError, match="not single known tokens"):
+        encode_vqa(bad, proc)

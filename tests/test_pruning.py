@@ -1,0 +1,166 @@
+"Vision-token pruning: keep-all parity for every pruner and mode, keep-set application, FLOPs, training mechanics."
+import os
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from mm_research.inspect import get_role
+from mm_research.llava import mode_logits, position_ids_from_mask
+from mm_research.pruning import (PRUNERS, SETTINGS, ScorerTraining, TokenScorer, apply_selection, counted_flops,
+                                 image_token_mask, keep_count, lm_prefill_flops, parse_setting, pool_selection,
+                                 pruned_logits, select_tokens, sweep_accuracy, topk_selection, train_scorer,
+                                 use_eager_vision, vision_pass)
+from mm_research.zoo import build_model, load_config, tiny_processor
+
+QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there ?",
+             "<image> is the red square on the left or right ?"]
+
+
+def tiny(layer=-2, strategy="default", eager=True, seed=0):
+    cfg = load_config("tiny-llava"); cfg.vision_feature_layer = layer; cfg.vision_feature_select_strategy = strategy
+    m = build_model(cfg, seed=seed).eval()
+    return (use_eager_vision(m) if eager else m), tiny_processor("llava", cfg)
+
+
+def make_batch(proc, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    imgs = [(rng.random((32, 32, 3)) * 255).astype("uint8") for _ in range(n)]
+    b = dict(proc(images=imgs, text=(QUESTIONS * n)[:n], return_tensors="pt", padding=True))
+    assert (b["attention_mask"] == 0).any()          # at least one left-padded row
+    return b
+
+
+@pytest.fixture(scope="module")
+def model_batch():
+    m, proc = tiny()
+    return m, proc, make_batch(proc)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_keep_all_parity_every_pruner(model_batch, setting):
+    m, _, b = model_batch
+    with torch.no_grad(): ref = mode_logits(m, b, "baseline")
+    scorer = TokenScorer.for_model(m)
+    for pruner in PRUNERS:
+        lg, sel = pruned_logits(m, b, pruner, 1.0, *parse_setting(setting), scorer=scorer)
+        assert torch.equal(lg, ref), (pruner, setting, (lg - ref).abs().max().item())
+        assert sel.slots.shape == (3, 16)
+
+
+@pytest.mark.parametrize("layer,strategy,eager", [([-3, -1], "default", True), (-2, "default", False), (-2, "full", True)])
+def test_keep_all_parity_variants(layer, strategy, eager):
+    m, proc = tiny(layer, strategy, eager)
+    b = make_batch(proc)
+    with torch.no_grad(): ref = mode_logits(m, b, "baseline")
+    pruners = [p for p in PRUNERS if not (p == "pool" and strategy == "full")]     # 17 tokens are no square grid
+    for pruner in pruners:
+        for mode in ("soft", "hard"):
+            lg, _ = pruned_logits(m, b, pruner, 1.0, mode, scorer=TokenScorer.for_model(m))
+            assert torch.equal(lg, ref), (layer, strategy, eager, pruner, mode)
+
+
+def test_debug_all_ones_keeps_everything_at_any_ratio(model_batch):
+    m, _, b = model_batch
+    with torch.no_grad(): ref = mode_logits(m, b, "baseline")
+    ones = TokenScorer.for_model(m, debug_all_ones=True)
+    for r in (0.5, 0.11):
+        for mode in ("soft", "hard"):
+            assert torch.equal(pruned_logits(m, b, "learned", r, mode, scorer=ones)[0], ref)
+
+
+def test_one_tower_pass_when_eager(model_batch):
+    m, _, b = model_batch
+    calls = []
+    h = get_role(m, "vision_encoder").register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad(): vp = vision_pass(m, b["pixel_values"], cls_attention=True)
+    finally:
+        h.remove()
+    assert len(calls) == 1 and vp.cls_attention.shape == (3, 16)
+
+
+def test_hard_pruning_shapes_and_positions(model_batch):
+    m, _, b = model_batch
+    L = b["input_ids"].shape[1]
+    sel = select_tokens(m, b, "random", 0.25, generator=torch.Generator().manual_seed(0))
+    orig = apply_selection(m, b, sel, "hard", "original")
+    ren = apply_selection(m, b, sel, "hard", "renumber")
+    assert orig["inputs_embeds"].shape == (3, L - 12, 64)
+    assert torch.equal(orig["attention_mask"].sum(1), b["attention_mask"].sum(1) - 12)
+    assert (orig["attention_mask"].diff(dim=1) >= 0).all()                     # padding still in front
+    full_pos = position_ids_from_mask(b["attention_mask"])
+    for i in range(3):
+        real = orig["attention_mask"][i].bool()
+        assert ren["position_ids"][i][real].tolist() == list(range(int(real.sum())))
+        assert orig["position_ids"][i][real][-1] == full_pos[i][-1]            # last token keeps its position
+        assert orig["position_ids"][i][real].diff().min() >= 1                 # increasing, with gaps
+
+
+def test_soft_pruning_zeroes_dropped_image_tokens(model_batch):
+    m, _, b = model_batch
+    sel = select_tokens(m, b, "cls", 0.5)
+    soft = apply_selection(m, b, sel, "soft")
+    zero = soft["inputs_embeds"].abs().sum(-1) == 0
+    assert int(zero[image_token_mask(m, b["input_ids"])].sum()) == 3 * 8
+    assert torch.equal(soft["attention_mask"], b["attention_mask"])
+
+
+def test_selection_helpers():
+    assert [keep_count(16, r) for r in (1.0, 0.5, 0.25, 0.11)] == [16, 8, 4, 2]
+    assert [keep_count(576, r) for r in (0.25, 0.1, 0.05)] == [144, 58, 29]
+    e = torch.arange(16, dtype=torch.float).reshape(1, 16, 1)
+    s = topk_selection(e, e[..., 0], 2)
+    assert s.slots.tolist() == [[14, 15]]
+    p = pool_selection(e, 4)
+    assert p.embeds[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5] and p.slots.tolist() == [[0, 2, 8, 10]]
+    for bad in (0, 1.2, True, "0.5"):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"): keep_count(16, bad)
+
+
+def test_errors_name_the_fix(model_batch):
+    m, _, b = model_batch
+    sel = select_tokens(m, b, "pool", 0.5)
+    with pytest.raises(ValueError, match="Unknown pruner"): select_tokens(m, b, "attention", 0.5)
+    with pytest.raises(ValueError, match="needs a trained TokenScorer"): select_tokens(m, b, "learned", 0.5)
+    with pytest.raises(ValueError, match="Unknown mode"): apply_selection(m, b, sel, "drop")
+    with pytest.raises(ValueError, match="Unknown position_policy"): apply_selection(m, b, sel, "hard", "shift")
+    with pytest.raises(ValueError, match="Unknown setting"): parse_setting("soft/renumber")
+
+
+def test_flops_analytic_matches_counter(model_batch):
+    m, _, b = model_batch
+    cfg = load_config("tiny-llava").text_config
+    # hand count, 20 tokens: q,o 327,680; k,v 163,840; attention 102,400; MLP 983,040 per layer; head 31,616
+    assert lm_prefill_flops(cfg, 20) == 2 * (327_680 + 163_840 + 102_400 + 983_040) + 31_616
+    for r in (1.0, 0.25):
+        inputs = apply_selection(m, b, select_tokens(m, b, "cls", r), "hard")
+        B, n = inputs["inputs_embeds"].shape[:2]
+        assert counted_flops(m, inputs) == lm_prefill_flops(cfg, n, B)
+
+
+def test_sweep_keep_all_row_is_baseline(model_batch):
+    m, proc, b = model_batch
+    ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
+    data = dict(b, answer_ids=ans, types=["color", "count", "position"])
+    acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2)
+    for st in SETTINGS:
+        for p in PRUNERS:
+            assert acc[st][p]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
+
+
+def test_scorer_trains_llava_frozen(tmp_path, model_batch):
+    m, proc, b = model_batch
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
+    data = {**{k: torch.cat([b[k]] * 4) for k in ("pixel_values", "input_ids", "attention_mask")}, "answer_ids": ans.repeat(4)}
+    scorer, res = train_scorer(m, data, data, epochs=1, batch_size=4, run_dir=tmp_path, device="cpu")
+    assert res.history and "eval_acc" in res.history[-1]
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())   # the LLaVA did not move
+    w = ScorerTraining(m, TokenScorer.for_model(m)).train()
+    assert not m.training                                                      # stays in eval mode while training
+    loss = w(b["pixel_values"], b["input_ids"], b["attention_mask"], ans)
+    loss.backward()
+    assert all(p.grad is None for p in m.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in w.scorer.parameters())
