@@ -147,3 +147,26 @@ def test_two_tower_calls_are_bitwise_identical_in_eval():
         a, b = tower(pv, output_hidden_states=True).hidden_states, tower(pv, output_hidden_states=True).hidden_states
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[-1], a[-2])        # last_hidden_state is not the feature layer
+
+
+def test_trained_base_is_cached_by_hash(tmp_path):
+    from mm_research.data import load_vqa, make_shape_vqa
+    from mm_research.llava import encode_vqa, train_vqa_base
+    from mm_research.zoo import load_processor
+    root = make_shape_vqa(tmp_path/"vqa", n_train=64, n_test=16, seed=0)
+    proc = load_processor("tiny-llava")
+    tr, te = encode_vqa(load_vqa(root, "train"), proc), encode_vqa(load_vqa(root, "test"), proc)
+    kw = dict(epochs=1, batch_size=32, device="cpu", cache_dir=tmp_path/"cache",
+              config_overrides={"text_config.initializer_range": 0.1})
+    m1, r1 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
+    m2, r2 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
+    assert r1["cached"] is False and r2["cached"] is True and r1["key"] == r2["key"]
+    assert (tmp_path/"cache"/r1["key"]/"model.safetensors").is_file()
+    b = {k: v[:4] for k, v in te.items() if torch.is_tensor(v)}
+    assert torch.equal(mode_logits(m1.cpu(), b), mode_logits(m2, b))
+    untrained = build_model(load_config("tiny-llava"))
+    assert not torch.equal(mode_logits(untrained, b), mode_logits(m2, b))
+    _, r3 = train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, epochs=0))
+    assert r3 == {"trained": False}
+    with pytest.raises(ValueError, match="has no 'hidden_sizes'"):
+        train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, config_overrides={"text_config.hidden_sizes": 3}))

@@ -164,3 +164,14 @@ def test_scorer_trains_llava_frozen(tmp_path, model_batch):
     loss.backward()
     assert all(p.grad is None for p in m.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in w.scorer.parameters())
+
+
+def test_hard_training_loss_is_hard_pruning_loss(model_batch):
+    m, proc, b = model_batch
+    ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
+    w = ScorerTraining(m, TokenScorer.for_model(m), keep_ratio=0.25, budget_weight=0.0, train_mode="hard").eval()
+    with torch.no_grad():
+        lg, _ = pruned_logits(m, b, "learned", 0.25, "hard", "original", scorer=w.scorer, logits_to_keep=1)
+        loss = w(b["pixel_values"], b["input_ids"], b["attention_mask"], ans)
+    assert abs(loss.item() - torch.nn.functional.cross_entropy(lg[:, -1], ans).item()) < 1e-4
+    with pytest.raises(ValueError, match="Unknown train_mode"): ScorerTraining(m, TokenScorer.for_model(m), train_mode="x")
