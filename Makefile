@@ -29,14 +29,15 @@ browser:
 
 test: setup browser test-nbs test-py
 
+# Two notebooks at a time, one math thread each: tiny models are overhead-bound and oversubscribed threads spin.
 test-nbs: setup
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/nbdev_test --n_workers 2 --timing
 
 test-py: setup browser
-	$(BIN)/pytest tests -q --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15
 
 reproduce: setup
-	$(BIN)/mmr reproduce
+	$(BIN)/mmr reproduce -f reproduce.yaml
 	$(MAKE) readme
 
 readme: setup

@@ -40,13 +40,15 @@ def execute(ws, code: str, timeout: float = 120) -> dict:
                         "parent_header": {}, "metadata": {}, "channel": "shell",
                         "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
                                     "allow_stdin": False, "stop_on_error": True}}))
-    outputs, deadline = [], time.time() + timeout
-    while time.time() < deadline:
+    outputs, reply, idle, deadline = [], None, False, time.time() + timeout
+    while time.time() < deadline and not (reply and idle):  # shell and iopub are not ordered: wait for both
         m = json.loads(ws.recv())
         if m.get("parent_header", {}).get("msg_id") != msg_id: continue
         if m["msg_type"] in ("stream", "execute_result", "error"): outputs.append(m["content"])
-        if m["channel"] == "shell" and m["msg_type"] == "execute_reply": return {"reply": m["content"], "outputs": outputs}
-    raise TimeoutError(code[:80])
+        if m["channel"] == "shell" and m["msg_type"] == "execute_reply": reply = m["content"]
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle": idle = True
+    if not (reply and idle): raise TimeoutError(code[:80])
+    return {"reply": reply, "outputs": outputs}
 
 
 def test_jupyter_server_runs_a_notebook_with_the_project_kernel(tmp_path):
