@@ -37,7 +37,7 @@ test-py: setup browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15
 
 reproduce: setup
-	$(BIN)/mmr reproduce -f reproduce.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mmr reproduce -f reproduce.yaml
 	$(MAKE) readme
 
 readme: setup
