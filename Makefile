@@ -41,10 +41,10 @@ reproduce: setup
 	$(MAKE) readme
 
 readme: setup
-	$(BIN)/python -m mm_research.site readme
+	$(BIN)/python -m mm_research.docs readme
 
 docs: setup
-	$(BIN)/python -m mm_research.site docs
+	$(BIN)/python -m mm_research.docs docs
 
 lab: setup
 	$(BIN)/jupyter lab nbs
