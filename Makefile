@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser test test-nbs test-py reproduce readme docs lab export clean
+.PHONY: setup browser test lint test-nbs test-py reproduce readme docs lab export clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,7 @@ $(STAMP):
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (mm_research)" >/dev/null
+	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbdev_install_hooks >/dev/null
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -27,24 +28,30 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser test-nbs test-py
+test: setup browser lint test-nbs test-py
+
+# Line length and no `;` statement chains, in the notebooks (the library is generated from them), tools and tests.
+lint: setup
+	$(BIN)/ruff check nbs tools tests benchmarks  # mm_research/ is generated from nbs/
 
 # Two notebooks at a time, one math thread each: tiny models are overhead-bound and oversubscribed threads spin.
+# Run folders go to a scratch folder: tests never write into the checkout's runs/ or results/.
 test-nbs: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/nbdev_test --n_workers 2 --timing
+	scratch=$$(mktemp -d) && MMR_RUNS=$$scratch OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
+	  $(BIN)/nbdev_test --n_workers 2 --timing; rc=$$?; rm -rf $$scratch; exit $$rc
 
 test-py: setup browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15
 
 reproduce: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mmr reproduce -f reproduce.yaml
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mmr reproduce -f reproduce.yaml --results results
 	$(MAKE) readme
 
 readme: setup
-	$(BIN)/python -m mm_research.docs readme
+	$(BIN)/python tools/build_docs.py readme
 
 docs: setup
-	$(BIN)/python -m mm_research.docs docs
+	$(BIN)/python tools/build_docs.py docs
 
 lab: setup
 	$(BIN)/jupyter lab nbs

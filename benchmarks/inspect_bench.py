@@ -1,4 +1,4 @@
-"""Benchmark `mm_research.inspect` on the reference presets: build on meta + full structure report.
+"""Benchmark `mm_research.report` on the reference presets: build on meta + full structure report.
 
 Each measurement runs in a fresh subprocess, after its imports (torch, transformers, mm_research and the
 model's own transformers classes), so imports are not timed and RSS growth is the model's alone:
@@ -30,26 +30,33 @@ class PeakRSS:
 
     def __enter__(self):
         self.base = self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True); self._thread.start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss); time.sleep(self.interval)
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
 
     def __exit__(self, *exc):
-        self._stop.set(); self._thread.join()
+        self._stop.set()
+        self._thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
         self.peak_growth_mb = (self.peak - self.base) / 2**20
 
 
 def _vmhwm_kb() -> int | None:
-    try: return int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM")).split()[1])
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM")).split()[1])
     except (OSError, StopIteration): return None
 
 
 def _reset_vmhwm() -> bool:
-    try: Path("/proc/self/clear_refs").write_text("5"); return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
     except OSError: return False
 
 
@@ -58,7 +65,8 @@ def measure_one(name: str, mode: str) -> dict:
     import gc
     import torch, transformers
     from mm_research import zoo
-    from mm_research.inspect import structure_report, _sub_configs
+    from mm_research.inspect import _sub_configs
+    from mm_research.report import structure_report
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     config = zoo.load_config(name)
     zoo.model_class_for(config)  # imports the model's transformers module (lazy in transformers)
@@ -66,7 +74,8 @@ def measure_one(name: str, mode: str) -> dict:
         if type(sub) in MODEL_MAPPING: MODEL_MAPPING[type(sub)]  # and the sub-models' modules
     torch.set_num_threads(1)
     gc.collect()
-    reset = _reset_vmhwm(); hwm0 = _vmhwm_kb()
+    reset = _reset_vmhwm()
+    hwm0 = _vmhwm_kb()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         model = zoo.load_model(name, meta=(mode == "meta"), device="cpu")
@@ -108,12 +117,15 @@ def best_of(name: str, mode: str, repeat: int) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder for metrics.json, or a .json path (default runs/benchmarks/inspect/)")
+    ap.add_argument("--out", default=None,
+                    help="folder for metrics.json, or a .json path (default runs/benchmarks/inspect/)")
     ap.add_argument("--repeat", type=int, default=3, help="fresh-process runs per measurement; the fastest is kept")
-    ap.add_argument("--one", help=argparse.SUPPRESS); ap.add_argument("--mode", default="meta", help=argparse.SUPPRESS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="meta", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(measure_one(a.one, a.mode))); return
+        print(json.dumps(measure_one(a.one, a.mode)))
+        return
     from mm_research.core import environment_record, runs_root, save_metrics
     out = Path(a.out) if a.out else runs_root()/"benchmarks"/"inspect"
     folder, fname = (out.parent, out.name) if out.suffix == ".json" else (out, "metrics.json")
@@ -123,9 +135,11 @@ def main(argv=None):
         r = presets[name] = best_of(name, "meta", a.repeat)
         r["pass"] = dict(total_s=r["total_s"] < LIMITS["total_s"], param_storage_bytes=r["param_storage_bytes"] == 0,
                          peak_rss_growth_mb=r["peak_rss_growth_mb"] < LIMITS["peak_rss_growth_mb"])
-        print(f"{name:28s} build {r['build_s']*1e3:7.1f} ms  report {r['report_s']*1e3:6.1f} ms  total {r['total_s']*1e3:7.1f} ms"
+        hwm = r['vmhwm_growth_mb'] if r['vmhwm_growth_mb'] is None else round(r['vmhwm_growth_mb'], 1)
+        print(f"{name:28s} build {r['build_s']*1e3:7.1f} ms  report {r['report_s']*1e3:6.1f} ms  "
+              f"total {r['total_s']*1e3:7.1f} ms"
               f"  storage {r['param_storage_bytes']} B  peak RSS +{r['peak_rss_growth_mb']:.1f} MB"
-              f"  (VmHWM +{r['vmhwm_growth_mb'] if r['vmhwm_growth_mb'] is None else round(r['vmhwm_growth_mb'], 1)} MB)")
+              f"  (VmHWM +{hwm} MB)")
     real = best_of("efficientnet-b3-wikiart27", "real", a.repeat)
     meta = presets["efficientnet-b3-wikiart27"]
     ratio = real["build_s"] / meta["total_s"]

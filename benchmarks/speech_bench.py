@@ -50,9 +50,14 @@ def sync(device):
 
 def timed(fn, device, repeats: int) -> float:
     "Median seconds of `fn()` over `repeats` runs after one warm-up."
-    fn(); sync(device); ts = []
+    fn()
+    sync(device)
+    ts = []
     for _ in range(repeats):
-        t = time.perf_counter(); fn(); sync(device); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
@@ -73,7 +78,7 @@ def throughput(ckpt: Path, device, dtype, batch: int, repeats: int) -> dict:
 
 LOAD = """
 import json, torch
-from mm_research.memory import MemoryProfiler
+from mm_research.profiler import MemoryProfiler
 from mm_research.speech import load_audio_tower
 from mm_research.zoo import load_model
 path, device, how = {path!r}, {device!r}, {how!r}
@@ -103,20 +108,24 @@ def load_memory(ckpt: Path, device) -> dict:
 def train_step(ckpt: Path, device, batch: int, repeats: int, rank: int) -> dict:
     "One optimizer step of the keyword classifier: LoRA (q,k,v,o) vs full fine-tuning of the tower."
     from mm_research.zoo import load_processor
-    from mm_research.speech import SpeechEncoder, KeywordClassifier, add_lora, set_trainable, load_audio_tower
-    from mm_research.memory import MemoryProfiler, estimate
+    from mm_research.speech import SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower
+    from mm_research.estimates import estimate
+    from mm_research.profiler import MemoryProfiler
     proc, out = load_processor(str(ckpt)), {}
     for mode in ("lora", "full"):
         enc = SpeechEncoder(load_audio_tower(str(ckpt), device=str(device), dtype="fp32"), proc, "audio_tower")
         if mode == "lora": add_lora(enc, r=rank, alpha=2 * rank)
-        clf = KeywordClassifier(enc, 10).to(device); n = set_trainable(clf, mode)
+        clf = KeywordClassifier(enc, 10).to(device)
+        n = freeze_for_mode(clf, mode)
         b = {k: v.to(device) for k, v in {**enc.featurize(clips(batch)), "labels": torch.arange(batch) % 10}.items()}
         opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=1e-4)
         clf.train()
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = clf(**b).loss
-            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         s = timed(step, device, repeats)
         prof = MemoryProfiler(device)
         with prof.phase("step"): step()
@@ -130,13 +139,17 @@ def train_step(ckpt: Path, device, batch: int, repeats: int, rank: int) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", nargs="*", default=["tiny-qwen2-audio", "medium"])
-    ap.add_argument("--device", default="auto"); ap.add_argument("--out", default=None)
-    ap.add_argument("--batch", type=int, default=16); ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rank", type=int, default=16); ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (0: torch's default); small shared CPUs run faster with 1")
     a = ap.parse_args(argv)
-    from mm_research.core import resolve_device, resolve_dtype, make_run_dir, save_metrics, environment_record, seed_everything
-    device = resolve_device(a.device); seed_everything(0)
+    from mm_research.core import resolve_device, make_run_dir, save_metrics, environment_record, seed_everything
+    device = resolve_device(a.device)
+    seed_everything(0)
     if device.type == "cpu" and a.threads: torch.set_num_threads(a.threads)
     run = make_run_dir("speech_bench", a.out)
     metrics = {"environment": environment_record(device), "args": vars(a)}
@@ -155,7 +168,8 @@ def main(argv=None):
                   f"{l['tower']['peak_bytes']/2**20:.1f} MiB vs whole {l['whole']['peak_bytes']/2**20:.1f} MiB "
                   f"({l['tower_over_whole_peak']:.3f}); step LoRA {s['lora']['step_s']*1e3:.1f} ms vs full "
                   f"{s['full']['step_s']*1e3:.1f} ms ({s['lora_over_full_step_time']:.2f}x), train state "
-                  f"{s['lora']['train_state_bytes']/2**20:.2f} vs {s['full']['train_state_bytes']/2**20:.2f} MiB", flush=True)
+                  f"{s['lora']['train_state_bytes']/2**20:.2f} vs {s['full']['train_state_bytes']/2**20:.2f} MiB",
+                  flush=True)
     print(f"wrote {run/'metrics.json'}")
     return metrics
 

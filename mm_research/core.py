@@ -4,16 +4,17 @@
 
 # %% ../nbs/00_core.ipynb #19b65835
 from __future__ import annotations
-import datetime, json, math, os, platform, random, subprocess, sys, tempfile
+import dataclasses, datetime, json, math, os, platform, random, subprocess, sys, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DTYPES', 'resolve_device', 'resolve_dtype', 'seed_everything', 'atomic_write', 'save_safetensors', 'project_root',
-           'runs_root', 'timestamp', 'make_run_dir', 'to_jsonable', 'save_metrics', 'load_metrics', 'save_figure',
-           'git_commit', 'environment_record', 'Run', 'start_run']
+__all__ = ['DTYPES', 'resolve_device', 'resolve_dtype', 'seed_everything', 'pin_threads', 'current_umask', 'atomic_write',
+           'save_safetensors', 'project_root', 'runs_root', 'timestamp', 'make_run_dir', 'cache_root', 'to_jsonable',
+           'save_metrics', 'load_metrics', 'save_figure', 'fmt_bytes', 'render_table', 'accuracy', 'experiment_config',
+           'git_commit', 'cpu_record', 'environment_record', 'Run', 'start_run']
 
 # %% ../nbs/00_core.ipynb #653941d7
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -30,9 +31,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"Device {device!r} asked for, but CUDA is not available here: use device='auto' or 'cpu'.")
+            raise ValueError(f"Device {device!r} asked for, but CUDA is not available here: "
+                             "use device='auto' or 'cpu'.")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"Device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+            n = torch.cuda.device_count()
+            raise ValueError(f"Device {device!r} does not exist: this machine has {n} CUDA device(s).")
     elif dev.type not in ("cpu", "meta"):
         raise ValueError(f"Device type {dev.type!r} is not supported: use 'auto', 'cpu' or 'cuda'.")
     return dev
@@ -52,20 +55,47 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device 
 def seed_everything(seed: int = 0) -> int:
     "Seed python, numpy and torch (all devices); returns `seed`."
     if not isinstance(seed, int) or isinstance(seed, bool): raise TypeError(f"seed must be an int, got {seed!r}")
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     return seed
+
+# %% ../nbs/00_core.ipynb #bb8ea9b8
+def pin_threads(threads: int = 1) -> int:
+    "Pin torch's CPU threads to `threads` and prefer deterministic algorithms; returns `threads`."
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}: 1 gives the same numbers everywhere.")
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return threads
+
+# %% ../nbs/00_core.ipynb #18df22de
+def current_umask() -> int:
+    "The process's file-creation mask, read without changing it where Linux tells it."
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"): return int(line.split()[1], 8)
+    old = os.umask(0)  # elsewhere: set and restore
+    os.umask(old)
+    return old
 
 # %% ../nbs/00_core.ipynb #e665178a
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    "Write `data` to `path` through a temporary file and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    "Write `data` to `path` through a temporary file and a rename, with the mode the umask gives."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; the user's umask decides
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> Path:
@@ -98,6 +128,11 @@ def make_run_dir(notebook: str, run_dir: str | Path | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     return d
 
+# %% ../nbs/00_core.ipynb #13baf2ab
+def cache_root() -> Path:
+    "Where synthesized data and trained bases are cached: `$MMR_CACHE`, else `~/.cache/mm_research`."
+    return Path(os.environ.get("MMR_CACHE") or Path.home()/".cache"/"mm_research")
+
 # %% ../nbs/00_core.ipynb #9eb67010
 def to_jsonable(x):
     "`x` with tensors, numpy values, paths and dataclasses turned into plain JSON values."
@@ -109,7 +144,8 @@ def to_jsonable(x):
     if isinstance(x, float) and not math.isfinite(x): return None
     if isinstance(x, (torch.dtype, torch.device, Path)): return str(x)
     if hasattr(x, "__dataclass_fields__"):
-        import dataclasses; return to_jsonable(dataclasses.asdict(x))
+        import dataclasses
+        return to_jsonable(dataclasses.asdict(x))
     return x
 
 def save_metrics(metrics: dict, folder: str | Path, name: str = "metrics.json") -> dict:
@@ -132,6 +168,65 @@ def save_figure(fig, folder: str | Path, name: str, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
 
+# %% ../nbs/00_core.ipynb #cf0cb4d9
+def fmt_bytes(n: float | None) -> str:
+    "`n` bytes as a short string in binary units (B, KiB, MiB, GiB, TiB)."
+    if n is None: return "-"
+    sign, n = ("-" if n < 0 else ""), abs(float(n))
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024: return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+        n /= 1024
+    return f"{sign}{n:.2f} TiB"
+
+# %% ../nbs/00_core.ipynb #5b2c9cf8
+def _cell_text(col: str, v) -> str:
+    if v is None: return "-"
+    if isinstance(v, (bool, str)): return str(v)
+    if col.endswith("bytes"): return fmt_bytes(v)
+    if col.endswith(("ratio", "pct")): return f"{100 * v:.2f}%"
+    if isinstance(v, (int, np.integer)): return f"{v:,d}"
+    if isinstance(v, float): return f"{v:.3g}"
+    return str(v)
+
+# %% ../nbs/00_core.ipynb #20744a0c
+def _is_number(v) -> bool: return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+def render_table(rows: list[dict], columns: list[str] | None = None, markdown: bool = False) -> str:
+    "`rows` as an aligned text table, or a markdown table (numbers right-aligned)."
+    if not rows: return "(no rows)"
+    columns = list(columns or dict.fromkeys(k for r in rows for k in r))
+    cells = [[_cell_text(c, r.get(c)) for c in columns] for r in rows]
+    right = [any(_is_number(r.get(c)) for r in rows) for c in columns]
+    if markdown:
+        head = "| " + " | ".join(columns) + " |\n|" + "|".join("---:" if a else "---" for a in right) + "|\n"
+        return head + "\n".join("| " + " | ".join(row) + " |" for row in cells)
+    w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w[i]) if right[i] else v.ljust(w[i]) for i, v in enumerate(vals)).rstrip()
+    return "\n".join([line(columns), line(["-" * x for x in w]), *map(line, cells)])
+
+# %% ../nbs/00_core.ipynb #4758834f
+def accuracy(hits, groups=None, name: str = "acc") -> dict:
+    "`{name: mean of the boolean hits}`, plus `{name_<group>: ...}` for each group when `groups` is given."
+    hits = np.asarray(hits.detach().cpu() if isinstance(hits, torch.Tensor) else list(hits), dtype=bool).ravel()
+    out = {name: float(hits.mean()) if hits.size else float("nan")}
+    if groups is None: return out
+    groups = np.asarray(list(groups), dtype=object)
+    if len(groups) != len(hits):
+        raise ValueError(f"{len(groups)} groups for {len(hits)} hits: give one group per item.")
+    for g in sorted(set(groups.tolist()), key=str): out[f"{name}_{g}"] = float(hits[groups == g].mean())
+    return out
+
+# %% ../nbs/00_core.ipynb #c44d41f3
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
+_LITERALS = (bool, int, float, str, list, tuple, dict, type(None))
+
+def experiment_config(namespace: dict):
+    "The parameters defined so far in `namespace` (a notebook's `globals()`) as one frozen dataclass."
+    values = {k: v for k, v in namespace.items() if k.isidentifier() and k == k.lower() and not k.startswith("_")
+              and k not in _IPYTHON_NAMES and isinstance(v, _LITERALS)}
+    if not values: raise ValueError("No parameters found: call experiment_config(globals()) after the parameters cell.")
+    return dataclasses.make_dataclass("ExperimentConfig", list(values), frozen=True)(**values)
+
 # %% ../nbs/00_core.ipynb #91538f1b
 def git_commit(path: str | Path | None = None) -> str | None:
     "The git commit of the project at `path`, with '+dirty' when there are changes, or None."
@@ -144,6 +239,17 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError): return None
 
+def cpu_record() -> dict:
+    "What CPU numerics depend on: model, instruction set torch uses, BLAS build, threads and their variables."
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), None)
+    blas = next((ln.strip(" -") for ln in torch.__config__.show().splitlines() if "Math Kernel" in ln or "BLAS" in ln),
+                None)
+    return {"cpu_model": model or platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "blas": blas,
+            "torch_threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            **{v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
 def environment_record(device: str | torch.device = "auto") -> dict:
     "Versions, device and git commit: what a result depends on."
     import importlib.metadata as md
@@ -154,8 +260,9 @@ def environment_record(device: str | torch.device = "auto") -> dict:
     return {"python": platform.python_version(), "platform": platform.platform(),
             **{p: ver(p) for p in ("torch", "transformers", "peft", "accelerate", "safetensors", "papermill")},
             "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "git_commit": git_commit(),
+            "device_name": (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "cpu_count": os.cpu_count(), **cpu_record(), "git_commit": git_commit(),
             "time": datetime.datetime.now().isoformat(timespec="seconds")}
 
 # %% ../nbs/00_core.ipynb #8d27f9d9
@@ -180,10 +287,12 @@ class Run:
     def metrics(self) -> dict: return load_metrics(self.dir)
 
 def start_run(notebook: str, run_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-              seed: int = 0, params: dict | None = None) -> Run:
-    "Resolve device and dtype, seed everything, create the run folder and record params and environment."
+              seed: int = 0, params=None, threads: int = 1) -> Run:
+    "A seeded run on the resolved device and dtype; its folder holds `params` (dict or dataclass) and the environment."
     dev = resolve_device(device)
-    run = Run(make_run_dir(notebook, run_dir), dev, resolve_dtype(dtype, dev), seed_everything(seed), dict(params or {}))
+    pin_threads(threads)
+    params = to_jsonable(params) if params is not None else {}
+    run = Run(make_run_dir(notebook, run_dir), dev, resolve_dtype(dtype, dev), seed_everything(seed), params)
     save_metrics(run.params, run.dir, "params.json")  # merged with what `mmr run` recorded there
     run.params = load_metrics(run.dir, "params.json")
     atomic_write(run.dir/"environment.json", json.dumps(environment_record(dev), indent=2) + "\n")

@@ -17,11 +17,12 @@ from .core import resolve_device, resolve_dtype
 __all__ = ['REFERENCE_FILES', 'SPECIAL_TOKENS', 'VOCAB_WORDS', 'PUNCT', 'TINY_CONFIGS', 'PRESETS', 'config_from_dict',
            'reference_config', 'build_tokenizer', 'tiny_qwen2_audio_config', 'tiny_llava_config', 'tiny_blip2_config',
            'tiny_efficientnet_config', 'tiny_processor', 'Preset', 'load_config', 'model_class_for', 'build_model',
-           'load_model', 'load_processor', 'param_count']
+           'load_model', 'load_processor', 'param_count', 'override_config']
 
 # %% ../nbs/01_zoo.ipynb #1566bebd
 REFERENCE_FILES = {"qwen2-audio-7b": "qwen2-audio-7b.json", "llava-1.5-7b": "llava-1.5-7b.json",
-                   "blip2-opt-2.7b": "blip2-opt-2.7b.json", "efficientnet-b3-wikiart27": "efficientnet-b3-wikiart27.json"}
+                   "blip2-opt-2.7b": "blip2-opt-2.7b.json",
+                   "efficientnet-b3-wikiart27": "efficientnet-b3-wikiart27.json"}
 
 def config_from_dict(d: dict) -> PretrainedConfig:
     "A transformers config from a config.json dict (its `model_type` picks the class)."
@@ -90,11 +91,12 @@ def tiny_llava_config(tok) -> PretrainedConfig:
         vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=tok.pad_token_id)
 
 def tiny_blip2_config(tok) -> PretrainedConfig:
-    "A tiny Blip2Config: 2-layer ViT (32 px), 2-layer Q-Former with cross-attention in every layer, 4 queries, 2-layer OPT."
+    "A tiny Blip2Config: 2-layer ViT (32 px), 2-layer Q-Former (cross-attention in each), 4 queries, 2-layer OPT."
     from transformers import Blip2Config
     return Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, initializer_range=0.02),  # the default 1e-10 makes every image look alike
+                           image_size=32, patch_size=8,
+                           initializer_range=0.02),  # the default 1e-10 makes every image look alike
         qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                             cross_attention_frequency=1, encoder_hidden_size=32, vocab_size=len(tok)),
         text_config=dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -102,7 +104,7 @@ def tiny_blip2_config(tok) -> PretrainedConfig:
         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
 
 def tiny_efficientnet_config(num_labels: int = 6) -> PretrainedConfig:
-    "A tiny EfficientNetConfig (32 px, width 0.25, depth 0.3; hidden_dim must equal round_filters(1280) = 320) with `num_labels` style classes."
+    "A tiny EfficientNetConfig (32 px, width 0.25, depth 0.3, hidden_dim round_filters(1280)=320), `num_labels` styles."
     from transformers import EfficientNetConfig
     return EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320,
                               dropout_rate=0.0, num_labels=num_labels)
@@ -135,7 +137,8 @@ def tiny_processor(family: str, config: PretrainedConfig):
         s = config.vision_config.image_size
         proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
                               tokenizer=tok, num_query_tokens=config.num_query_tokens)
-        proc.image_token = AddedToken("<image>", normalized=False, special=True)  # transformers expects an AddedToken here
+        # transformers expects an AddedToken here
+        proc.image_token = AddedToken("<image>", normalized=False, special=True)
         return proc
     raise ValueError(f"No tiny processor for family {family!r}")
 
@@ -160,7 +163,8 @@ class Preset:
 TINY_CONFIGS = {"qwen2_audio": tiny_qwen2_audio_config, "llava": tiny_llava_config, "blip2": tiny_blip2_config}
 
 PRESETS = {p.name: p for p in [
-    Preset("qwen2-audio-7b", "Qwen2AudioForConditionalGeneration", "qwen2_audio", True, "Qwen2-Audio-7B architecture (meta)"),
+    Preset("qwen2-audio-7b", "Qwen2AudioForConditionalGeneration", "qwen2_audio", True,
+           "Qwen2-Audio-7B architecture (meta)"),
     Preset("llava-1.5-7b", "LlavaForConditionalGeneration", "llava", True, "LLaVA-1.5-7B architecture (meta)"),
     Preset("blip2-opt-2.7b", "Blip2ForConditionalGeneration", "blip2", True, "BLIP-2 OPT-2.7B architecture (meta)"),
     Preset("efficientnet-b3-wikiart27", "EfficientNetForImageClassification", "efficientnet", True,
@@ -168,7 +172,8 @@ PRESETS = {p.name: p for p in [
     Preset("tiny-qwen2-audio", "Qwen2AudioForConditionalGeneration", "qwen2_audio", False, "Qwen2-Audio twin for CPU"),
     Preset("tiny-llava", "LlavaForConditionalGeneration", "llava", False, "LLaVA twin for CPU"),
     Preset("tiny-blip2", "Blip2ForConditionalGeneration", "blip2", False, "BLIP-2 OPT twin for CPU"),
-    Preset("tiny-efficientnet", "EfficientNetForImageClassification", "efficientnet", False, "EfficientNet twin, 6 styles, for CPU"),
+    Preset("tiny-efficientnet", "EfficientNetForImageClassification", "efficientnet", False,
+           "EfficientNet twin, 6 styles, for CPU"),
 ]}
 
 # %% ../nbs/01_zoo.ipynb #0e922e43
@@ -189,13 +194,15 @@ def load_config(name_or_path: str | Path) -> PretrainedConfig:
         return AutoConfig.from_pretrained(p)
     if name.count("/") != 1 or name.startswith((".", "/", "~")): raise _unknown(name)
     try: return AutoConfig.from_pretrained(name)
-    except OSError as e: raise _unknown(name, f" (not found locally, and the hub could not be reached: {str(e).splitlines()[0]})") from e
+    except OSError as e:
+        raise _unknown(name, f" (not found locally, and the hub could not be reached: {str(e).splitlines()[0]})") from e
 
 def model_class_for(config: PretrainedConfig) -> type:
     "The transformers model class for `config`: its `architectures`, else the first Auto mapping that has it."
     for arch in getattr(config, "architectures", None) or []:
         if hasattr(transformers, arch): return getattr(transformers, arch)
-    for auto in ("AutoModelForMultimodalLM", "AutoModelForImageTextToText", "AutoModelForSpeechSeq2Seq", "AutoModelForImageClassification",
+    for auto in ("AutoModelForMultimodalLM", "AutoModelForImageTextToText", "AutoModelForSpeechSeq2Seq",
+                 "AutoModelForImageClassification",
                  "AutoModelForCausalLM", "AutoModel"):
         mapping = getattr(transformers, auto)._model_mapping
         if type(config) in mapping: return mapping[type(config)]
@@ -220,7 +227,8 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
     if meta:
         m = build_model(load_config(name), meta=True)
         return m.to(resolve_dtype(dtype, "cpu")) if dtype != "auto" else m
-    dev = resolve_device(device); dt = resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     if preset is not None or Path(name).is_file():
         return build_model(load_config(name), seed=seed).to(device=dev, dtype=dt)
     config = load_config(name)  # validates the name first, with the clear error
@@ -239,3 +247,15 @@ def load_processor(name_or_path: str | Path):
 def param_count(model: torch.nn.Module) -> int:
     "Number of parameters of `model` (shared tensors counted once)."
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+# %% ../nbs/01_zoo.ipynb #153bd45d
+def override_config(config: PretrainedConfig, overrides: dict | None) -> PretrainedConfig:
+    "`config` with the dotted-key `overrides` set (e.g. {'text_config.hidden_size': 128}); unknown keys are errors."
+    for key, value in (overrides or {}).items():
+        obj, *path = [config, *key.split(".")]
+        for name in path:
+            if not hasattr(obj, name):
+                raise ValueError(f"Config override {key!r}: {type(obj).__name__} has no {name!r}.")
+            if name != path[-1]: obj = getattr(obj, name)
+        setattr(obj, path[-1], value)
+    return config

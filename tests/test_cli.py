@@ -22,14 +22,15 @@ def mmr(*args, env=None, cwd=None):
 def test_list_shows_notebooks_parameters_defaults_and_types():
     out = mmr("list")
     assert out.returncode == 0, out.stderr
-    assert "01_zoo" in out.stdout
+    names = [ln for ln in out.stdout.splitlines() if ln and not ln.startswith(" ")]
+    assert names == sorted(names) and {"01_presets", "10_speech", "20_llava", "21_pruning", "30_gated"} <= set(names)
     assert "batch_size       int    = 2" in out.stdout
 
 
 def test_run_real_notebook_with_override(runs):
-    out = mmr("run", "01_zoo", "-p", "batch_size", "3", "--device", "cpu", env={"MMR_RUNS": str(runs)})
+    out = mmr("run", "01_presets", "-p", "batch_size", "3", "--device", "cpu", env={"MMR_RUNS": str(runs)})
     assert out.returncode == 0, out.stderr
-    (folder,) = list((runs / "01_zoo").iterdir())
+    (folder,) = list((runs / "01_presets").iterdir())
     params = json.loads((folder / "params.json").read_text())
     assert params["batch_size"] == 3 and params["device"] == "cpu" and params["new_tokens"] == 3
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -37,7 +38,7 @@ def test_run_real_notebook_with_override(runs):
     assert metrics["reference"]["llava-1.5-7b"]["parameters"] == 7_063_427_072
     env = json.loads((folder / "environment.json").read_text())
     assert env["device"] == "cpu" and env["transformers"].startswith("5.")
-    executed = nbformat.read(folder / "01_zoo.ipynb", as_version=4)
+    executed = nbformat.read(folder / "01_presets.ipynb", as_version=4)
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
 
 
@@ -73,7 +74,7 @@ def test_failing_notebook_exits_nonzero_and_keeps_executed_notebook(nbs, runs):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "99_nope"], "Unknown notebook '99_nope'"),
+    (["run", "99_nope"], "Unknown experiment '99_nope'"),
     (["run", "50_ok", "-p", "y", "1"], "50_ok has no parameter 'y'"),
     (["run", "50_ok", "-p", "x", "one"], "Parameter 'x' expects int"),
 ])
@@ -129,3 +130,56 @@ def test_memory_command_measures_a_tiny_preset():
 def test_model_commands_give_clear_errors(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_takes_its_own_section_of_a_shared_parameter_file(nbs, runs, tmp_path):
+    shared = tmp_path / "all.yaml"
+    shared.write_text("50_ok:\n  x: 9\n60_fails:\n  x: 1\n")
+    out = mmr("run", "50_ok", "-f", str(shared))
+    assert out.returncode == 0, out.stderr
+    (folder,) = list((runs / "50_ok").iterdir())
+    assert json.loads((folder / "metrics.json").read_text()) == {"x_seen": 9}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("50_ok: [1, 2\n", "is not valid YAML at line"),
+    ("- 1\n- 2\n", "expected a mapping of experiment name"),
+    ("51_nope:\n  x: 1\n", "unknown experiment '51_nope'"),
+])
+def test_bad_parameter_files_are_one_line_errors(nbs, runs, tmp_path, text, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    out = mmr("run", "50_ok", "-f", str(bad))
+    assert out.returncode == 2 and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not runs.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_refused_before_a_kernel_starts(nbs, runs):
+    out = mmr("run", "50_ok", "--device", "cuda")
+    assert out.returncode == 2 and "CUDA is not available" in out.stderr
+    assert not runs.exists()
+
+
+def test_reproduce_publishes_summary_and_figures_to_the_results_folder(nbs, runs, tmp_path):
+    _notebook(nbs / "70_fig.ipynb", "import json, pathlib\nimport matplotlib\nmatplotlib.use('Agg')\n"
+              "import matplotlib.pyplot as plt\nfig, ax = plt.subplots()\nax.plot([0, x])\n"
+              "fig.savefig(pathlib.Path(run_dir, 'curve.png'))\n"
+              "pathlib.Path(run_dir, 'metrics.json').write_text(json.dumps({'summary': {'acc': 0.5 * x}}))")
+    results = tmp_path / "results"
+    out = mmr("reproduce", "--only", "70_fig", "50_ok", "--results", str(results))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((results / "summary.json").read_text())
+    assert list(summary["notebooks"]) == ["70_fig", "50_ok"]
+    assert summary["notebooks"]["70_fig"]["summary"] == {"acc": 0.5}
+    assert summary["notebooks"]["70_fig"]["figures"] == ["70_fig/curve.png"]
+    assert (results / "70_fig" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["environment"]["torch"] and summary["notebooks"]["50_ok"]["params"]["x"] == 1
+    assert oct((results / "summary.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    old = os.umask(0)
+    os.umask(old)
+    return old

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm_research.data import ART_COLORS, ART_STYLES, ArtQuestDataset, make_art_set, paint_art, read_artquest
+from mm_research.art_data import ART_COLORS, ART_STYLES, ArtQuestDataset, make_art_set, paint_art
+from mm_research.vqa_data import read_artquest
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
 
@@ -48,14 +49,16 @@ def test_any_image_size_is_resized_by_the_processors(tmp_path, size):
     assert item["image"].size == size
     pv = load_processor("tiny-blip2")(images=[item["image"]], text=["what ?"], return_tensors="pt")["pixel_values"]
     assert tuple(pv.shape) == (1, 3, 32, 32)
-    assert tuple(load_processor("tiny-efficientnet")(images=[item["image"]], return_tensors="pt")["pixel_values"].shape) == (1, 3, 32, 32)
+    pv = load_processor("tiny-efficientnet")(images=[item["image"]], return_tensors="pt")["pixel_values"]
+    assert tuple(pv.shape) == (1, 3, 32, 32)
 
 
 def test_missing_images_listed(tmp_path):
     root = make_art_set(tmp_path / "s", n_train=6, n_val=7, size=16)
     for i in (2, 3, 5, 6):
         (root / "images" / f"val_0000{i}.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"4 image file\(s\) missing from .*first: val_00002.png; val_00003.png; val_00005.png"):
+    listed = r"4 image file\(s\) missing from .*first: val_00002.png; val_00003.png; val_00005.png"
+    with pytest.raises(FileNotFoundError, match=listed):
         read_artquest(root, "val")
 
 

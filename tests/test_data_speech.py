@@ -5,12 +5,17 @@ from dataclasses import asdict
 from pathlib import Path
 import numpy as np, pytest
 from scipy.io import wavfile
-from mm_research.data import (SpokenCommandsConfig, spoken_commands, load_audio_folder, read_wav, check_voice,
-                              COMMAND_WORDS, SAMPLE_RATE)
+from mm_research.speech_data import (SpokenCommandsConfig, spoken_commands, load_audio_folder, read_wav, check_voice,
+                                     COMMAND_WORDS, SAMPLE_RATE)
 from mm_research.zoo import VOCAB_WORDS
 
-SMALL = SpokenCommandsConfig(words=("stop", "go", "left"), voices={"train": ("en+m1", "en-us+f1"), "test": ("en-gb-x-rp+f2",)},
+SMALL = SpokenCommandsConfig(words=("stop", "go", "left"),
+                             voices={"train": ("en+m1", "en-us+f1"), "test": ("en-gb-x-rp+f2",)},
                              rates=(140, 200), pitches=(40,))
+
+
+def small(**changes) -> SpokenCommandsConfig:
+    return SpokenCommandsConfig(**{**asdict(SMALL), **changes})
 
 
 def test_words_voices_and_split(tmp_path):
@@ -32,14 +37,15 @@ def test_cached_and_deterministic(tmp_path):
     assert (folder / "train/train.csv").stat().st_mtime_ns == mtime        # read back, not rebuilt
     b = spoken_commands(SMALL, cache=tmp_path / "b")
     for s in a:
-        assert [x.tobytes() for x in a[s].audio] == [x.tobytes() for x in b[s].audio] == [x.tobytes() for x in a2[s].audio]
-    quiet = spoken_commands(SpokenCommandsConfig(**{**asdict(SMALL), "noise_snr_db": None}), cache=tmp_path / "a")
+        assert [x.tobytes() for x in a[s].audio] == [x.tobytes() for x in b[s].audio]
+        assert [x.tobytes() for x in a[s].audio] == [x.tobytes() for x in a2[s].audio]
+    quiet = spoken_commands(small(noise_snr_db=None), cache=tmp_path / "a")
     assert not np.array_equal(quiet["train"].audio[0], a["train"].audio[0])
 
 
 def test_noise_level_follows_snr(tmp_path):
-    clean = spoken_commands(SpokenCommandsConfig(**{**asdict(SMALL), "noise_snr_db": None, "max_onset_s": 0.1}), cache=tmp_path)
-    noisy = spoken_commands(SpokenCommandsConfig(**{**asdict(SMALL), "noise_snr_db": 10.0, "max_onset_s": 0.1}), cache=tmp_path)
+    clean = spoken_commands(small(noise_snr_db=None, max_onset_s=0.1), cache=tmp_path)
+    noisy = spoken_commands(small(noise_snr_db=10.0, max_onset_s=0.1), cache=tmp_path)
     c, n = clean["train"].audio[0], noisy["train"].audio[0]
     noise = n - c
     snr = 10 * np.log10(np.mean(c[c != 0] ** 2) / np.mean(noise ** 2))
@@ -57,12 +63,15 @@ def test_real_layout_folder_and_csv(tmp_path):
     for label in ("go", "stop"):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(2):
-            wavfile.write(tmp_path / "data" / label / f"{i}.wav", 44100, (rng.standard_normal(44100) * 1000).astype(np.int16))
+            samples = (rng.standard_normal(44100) * 1000).astype(np.int16)
+            wavfile.write(tmp_path / "data" / label / f"{i}.wav", 44100, samples)
     clips = load_audio_folder(tmp_path / "data")
     assert clips.labels == ["go", "stop"] and clips.targets == [0, 0, 1, 1]
     assert all(len(a) == SAMPLE_RATE for a in clips.audio)
     with open(tmp_path / "data.csv", "w", newline="") as f:
-        w = csv.writer(f); w.writerow(["path", "label"]); w.writerows([["data/go/0.wav", "go"], ["data/stop/1.wav", "stop"]])
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows([["data/go/0.wav", "go"], ["data/stop/1.wav", "stop"]])
     clips = load_audio_folder(tmp_path / "data.csv", labels=["stop", "go"])
     assert clips.targets == [1, 0]
     np.testing.assert_array_equal(clips.audio[0], read_wav(tmp_path / "data/go/0.wav"))
@@ -78,7 +87,9 @@ def test_real_layout_errors_list_offenders(tmp_path):
         load_audio_folder(tmp_path / "m.csv")
     assert "gone5.wav" not in str(e.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="one sub-folder of .wav files per label"): load_audio_folder(tmp_path / "empty")
+    with pytest.raises(ValueError, match="one sub-folder of .wav files per label"):
+        load_audio_folder(tmp_path / "empty")
     with pytest.raises(ValueError, match="not in the given labels"):
         wavfile.write(tmp_path / "ok.wav", 16000, np.zeros(100, np.float32) + .1)
-        (tmp_path / "l.csv").write_text("path,label\nok.wav,maybe\n"); load_audio_folder(tmp_path / "l.csv", labels=["yes"])
+        (tmp_path / "l.csv").write_text("path,label\nok.wav,maybe\n")
+        load_audio_folder(tmp_path / "l.csv", labels=["yes"])

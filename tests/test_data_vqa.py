@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mm_research.data import (SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa, render_scene,
-                              scene_questions)
+from mm_research.vqa_data import (SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa, render_scene,
+                                  scene_questions)
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
 
@@ -23,7 +23,8 @@ def test_layout_and_splits(vqa_root):
             rows = list(csv.DictReader(f))
         assert len(rows) == n and set(rows[0]) >= {"image", "question", "answer"}
         assert all((vqa_root/"images"/r["image"]).is_file() for r in rows)
-    assert {r["image"] for r in load_vqa(vqa_root, "train")}.isdisjoint({r["image"] for r in load_vqa(vqa_root, "test")})
+    train, test = ({r["image"] for r in load_vqa(vqa_root, s)} for s in ("train", "test"))
+    assert train.isdisjoint(test)
 
 
 def test_balanced_types_and_valid_answers(vqa_root):
@@ -35,7 +36,8 @@ def test_balanced_types_and_valid_answers(vqa_root):
 
 
 def test_every_word_is_in_the_vocabulary(vqa_root):
-    words = {w for s in ("train", "test") for r in load_vqa(vqa_root, s) for w in (r["question"] + " " + r["answer"]).split()}
+    rows = load_vqa(vqa_root, "train") + load_vqa(vqa_root, "test")
+    words = {w for r in rows for w in (r["question"] + " " + r["answer"]).split()}
     assert words - set(VOCAB_WORDS) - set(PUNCT) == set()
     assert {a for ans in VQA_ANSWERS.values() for a in ans} <= set(VOCAB_WORDS)
 
@@ -45,7 +47,8 @@ def test_answers_are_true_to_the_picture():
     qs = scene_questions(scene)
     assert ("what color is the triangle ?", "green") in qs["color"]
     assert ("what shape is the yellow object ?", "circle") in qs["shape"]
-    assert ("how many circles are there ?", "two") in qs["count"] and ("how many shapes are there ?", "three") in qs["count"]
+    assert ("how many circles are there ?", "two") in qs["count"]
+    assert ("how many shapes are there ?", "three") in qs["count"]
     assert ("is the green triangle on the left or right ?", "right") in qs["position"]
     assert ("is the yellow circle at the top or bottom ?", "bottom") in qs["position"]
     assert not any("green object" in q for q, _ in qs["shape"])                  # ambiguous: two green objects
@@ -65,7 +68,8 @@ def test_deterministic(tmp_path):
 def test_reuse_and_conflicting_settings(tmp_path):
     root = make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0)
     stamp = (root/"train.csv").stat().st_mtime_ns
-    assert make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0) == root and (root/"train.csv").stat().st_mtime_ns == stamp
+    assert make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0) == root
+    assert (root/"train.csv").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="use another folder"):
         make_shape_vqa(tmp_path, n_train=21, n_test=8, seed=0)
 
@@ -88,7 +92,7 @@ def test_loader_errors_list_offenders(tmp_path):
 
 
 def test_encoded_for_tiny_llava(vqa_root):
-    from mm_research.llava import encode_vqa, vqa_training_batch
+    from mm_research.vqa import encode_vqa, vqa_training_batch
     proc = load_processor("tiny-llava")
     rows = load_vqa(vqa_root, "test")
     data = encode_vqa(rows, proc)

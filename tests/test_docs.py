@@ -9,12 +9,16 @@ from urllib.parse import urljoin, urlparse
 
 import pytest
 
-from mm_research.cli import reproduce
+import importlib.util
+
 from mm_research.core import project_root
-from mm_research.docs import build_site, docs_notebooks
+from mm_research.reproduce import reproduce
 
 ROOT = project_root(Path(__file__).parent)
-SHOTS = ROOT / "runs" / "docs-test"
+_spec = importlib.util.spec_from_file_location("build_docs", ROOT / "tools" / "build_docs.py")
+build_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_docs)
+build_site, docs_notebooks = build_docs.build_site, build_docs.docs_notebooks
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +30,12 @@ def site(tmp_path_factory):
     assert not failed, "\n".join(r["error"] for r in failed)
     index = build_site(tmp / "site", executed_dir=repro, progress=False)
     return index.parent
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory):
+    "Where the page screenshots go (a scratch folder: tests never write into the checkout)."
+    return tmp_path_factory.mktemp("docs-screenshots")
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +79,7 @@ def test_site_has_a_page_per_notebook_with_api_reference(site):
     assert (site / "search" / "search_index.json").stat().st_size > 1000
 
 
-def test_every_page_loads_images_render_links_resolve(site, server, browser):
-    SHOTS.mkdir(parents=True, exist_ok=True)
+def test_every_page_loads_images_render_links_resolve(site, server, browser, shots):
     n_images = 0
     for page in sorted(site.glob("*.html")):
         browser.get(urljoin(server, page.name))
@@ -89,7 +98,15 @@ def test_every_page_loads_images_render_links_resolve(site, server, browser):
             if url.path.endswith("/"): target = target / "index.html"
             assert target.exists(), f"{page.name}: broken link {href}"
     assert n_images > 0  # the figures of the notebooks are on the site
-    for name in ["index.html", "inspect.html"]:
+    for name in ["index.html", "report.html"]:
         browser.get(urljoin(server, name))
-        browser.save_screenshot(str(SHOTS / f"{Path(name).stem}.png"))
-        assert (SHOTS / f"{Path(name).stem}.png").stat().st_size > 10_000
+        browser.save_screenshot(str(shots / f"{Path(name).stem}.png"))
+        assert (shots / f"{Path(name).stem}.png").stat().st_size > 10_000
+
+
+def test_docs_list_library_and_experiment_notebooks():
+    names = [p.relative_to(ROOT / "nbs").as_posix() for p in docs_notebooks()]
+    assert names[0] == "index.ipynb" and "00_core.ipynb" in names
+    experiments = [n for n in names if n.startswith("experiments/")]
+    assert experiments == sorted(experiments) and "experiments/21_pruning.ipynb" in experiments
+    assert names.index("92_cli.ipynb") < names.index(experiments[0])

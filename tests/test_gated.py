@@ -1,24 +1,21 @@
-"""Style-gated BLIP-2: zero-gate parity, the freeze plan and its gradients, the projections found, checkpoint safety."""
-import json
-import os
-import subprocess
-import sys
-import warnings
+"""Style-gated BLIP-2: zero-gate parity, the PEFT adapter contract, the freeze plan and its gradients, the projections
+found, the full-size model on the meta device."""
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mm_research.gated import (ArtVQACollator, GatedLinear, StyleGatedBlip2, apply_freeze_plan, build_style_encoder,
-                               cast_language_model, cross_attention_kv, generate_answer_ids, load_blip2, load_style_encoder,
-                               parameter_groups, parameter_table, save_style_encoder, vqa_loss)
-from mm_research.inspect import get_role
-from mm_research.zoo import load_model, load_processor
+from mm_research.runner import notebook_parameters
+from mm_research.gated import (DEFAULT_TRAIN_PARTS, ArtVQACollator, GatedLinear, StyleGatedBlip2, apply_freeze_plan,
+                               build_gated_model, cast_language_model, cross_attention_kv, generate_answer_ids,
+                               load_blip2, parameter_groups, parameter_table, vqa_loss)
+from mm_research.inspect import get_role, roles
+from mm_research.style import build_style_encoder
+from mm_research.zoo import load_processor
 
-
-class Payload:  # any custom object a pickle-based checkpoint could carry
-    def __init__(self): self.code = "would run on unpickling"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +41,45 @@ def test_zero_gates_equal_plain_blip2(batch):
     assert len(gated.gates) == 4 and all(isinstance(g, GatedLinear) for g in gated.gates.values())
 
 
+def test_gate_follows_peft_adapter_contract():
+    blip = load_blip2("tiny-blip2")
+    qformer, path = get_role(blip, "qformer"), roles(blip)["qformer"]
+    originals = {n: qformer.get_submodule(n) for n in cross_attention_kv(qformer)}
+    gated = StyleGatedBlip2(blip, build_style_encoder())
+    keys = set(gated.state_dict())
+    for name, base in originals.items():
+        gate = qformer.get_submodule(name)
+        assert gate.base_layer is base and gate.get_base_layer() is base
+        assert {f"blip2.{path}.{name}.base_layer.{w}" for w in ("weight", "bias")} <= keys
+    assert not [k for k in keys if ".base." in k]
+
+
 def test_projections_found_by_structure_on_real_architecture():
-    big = load_model("blip2-opt-2.7b")
+    big = load_blip2("blip2-opt-2.7b")
     qf = get_role(big, "qformer")
     kv = cross_attention_kv(qf)
     assert len(kv) == 12                                            # cross-attention in every 2nd of 12 layers, K and V
     assert {qf.get_submodule(n).in_features for n in kv} == {1408}  # they read the 1408-wide EVA features
     assert {n.rsplit(".", 1)[1] for n in kv} == {"key", "value"}
+
+
+def test_full_size_model_on_meta_device():
+    with torch.device("meta"):
+        m = apply_freeze_plan(StyleGatedBlip2(load_blip2("blip2-opt-2.7b"),
+                                              build_style_encoder("efficientnet-b3-wikiart27")), DEFAULT_TRAIN_PARTS)
+    assert all(p.is_meta for p in m.parameters())
+    groups = parameter_groups(m)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert trainable == sum(p.numel() for g in ("gates", "qformer", "projector", "other") for p in groups[g])
+    film = [g.film for g in m.gates.values()]
+    assert len(film) == 12 and {(f.in_features, f.out_features) for f in film} == {(1536, 1536)}
+    built = build_gated_model("blip2-opt-2.7b", build_style_encoder("efficientnet-b3-wikiart27"), True, device="meta")
+    assert sum(p.numel() for p in built.parameters() if p.requires_grad) == trainable
+
+
+def test_experiment_default_trains_default_parts():
+    params = notebook_parameters(ROOT / "nbs" / "experiments" / "30_gated.ipynb")
+    assert params["train_parts"]["default"] == DEFAULT_TRAIN_PARTS
 
 
 def test_freeze_plan_and_step0_gradients(batch):
@@ -70,9 +99,10 @@ def test_freeze_plan_and_step0_gradients(batch):
 
 
 def test_parameter_table_ratio(batch):
-    m = apply_freeze_plan(StyleGatedBlip2(load_blip2("tiny-blip2"), build_style_encoder()), "qformer,projector")
+    m = apply_freeze_plan(StyleGatedBlip2(load_blip2("tiny-blip2"), build_style_encoder()), DEFAULT_TRAIN_PARTS)
     rows = {r["role"].strip(): r for r in parameter_table(m)}
-    assert rows["language_model"]["trainable"] == rows["vision_encoder"]["trainable"] == rows["style_encoder"]["trainable"] == 0
+    assert rows["language_model"]["trainable"] == rows["vision_encoder"]["trainable"] == 0
+    assert rows["style_encoder"]["trainable"] == 0
     assert rows["total"]["trainable"] == sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert abs(rows["total"]["ratio"] - rows["total"]["trainable"] / rows["total"]["total"]) < 1e-12
     with pytest.raises(ValueError, match="not allowed"):
@@ -88,28 +118,6 @@ def test_generation_mixed_precision_batch2(batch):
     assert new.shape == (2, 2)
 
 
-def test_style_checkpoint_class_count(tmp_path):
-    enc = build_style_encoder("tiny-efficientnet", labels=[f"s{i}" for i in range(27)])
-    save_style_encoder(enc, tmp_path / "w27")
-    assert load_style_encoder(tmp_path / "w27").classifier.out_features == 27
-    with pytest.raises(ValueError, match="has 27 classes"):
-        load_style_encoder(tmp_path / "w27", num_labels=28)
-    assert load_style_encoder(tmp_path / "w27", num_labels=28, on_mismatch="checkpoint").classifier.out_features == 27
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert load_style_encoder(tmp_path / "w27", num_labels=28, on_mismatch="reinit").classifier.out_features == 28
-
-
-def test_legacy_pt_weights_only(tmp_path):
-    enc = build_style_encoder()
-    torch.save({"state_dict": enc.state_dict()}, tmp_path / "ok.pt")
-    assert torch.equal(load_style_encoder(tmp_path / "ok.pt", config=enc.config).classifier.weight, enc.classifier.weight)
-    torch.save({"state_dict": enc.state_dict(), "meta": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="Refusing to load .*unpickling runs arbitrary code"):
-        load_style_encoder(tmp_path / "evil.pt", config=enc.config)
-
-
-def test_python_m_help():
-    out = subprocess.run([sys.executable, "-m", "mm_research.gated", "--help"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 0 and "-p NAME VALUE" in out.stdout
+def test_no_module_entry_point():
+    import mm_research.gated as gated
+    assert not hasattr(gated, "main") and not hasattr(gated, "run_gated_experiment")

@@ -55,17 +55,20 @@ def test_jupyter_server_runs_a_notebook_with_the_project_kernel(tmp_path):
     port = free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"), "MMR_RUNS": str(tmp_path / "runs")}
     server = subprocess.Popen([sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
-                               "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={ROOT / 'nbs'}"],
+                               "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={TOKEN}",
+                               f"--ServerApp.root_dir={ROOT / 'nbs'}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):
-            try: api(base, "/api/status"); break
+            try:
+                api(base, "/api/status")
+                break
             except OSError: time.sleep(0.5)
         specs = api(base, "/api/kernelspecs")
         assert "python3" in specs["kernelspecs"]
-        session = api(base, "/api/sessions", "POST", {"path": "00_core.ipynb", "type": "notebook", "name": "00_core.ipynb",
-                                                     "kernel": {"name": "python3"}})
+        session = api(base, "/api/sessions", "POST", {"path": "00_core.ipynb", "type": "notebook",
+                                                     "name": "00_core.ipynb", "kernel": {"name": "python3"}})
         kid = session["kernel"]["id"]
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/api/kernels/{kid}/channels?token={TOKEN}", timeout=120)
         exe = execute(ws, "import sys; print(sys.executable)")

@@ -1,4 +1,5 @@
-"Outside interfaces of mm_research.llava: one-pass features, padded batches, and exact parity of the evaluation modes."
+"""Outside interfaces of mm_research.llava (one-pass features, padded batches, exact parity of the evaluation modes)
+and of mm_research.vqa's cached base training."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from mm_research.inspect import get_role
-from mm_research.llava import (MODES, build_inputs_embeds, encode_images, mode_generate, mode_inputs, mode_logits,
-                               parity_report, position_ids_from_mask, select_image_features, soft_prune)
+from mm_research.llava import (EVAL_MODES, build_inputs_embeds, encode_images, mode_generate, mode_inputs,
+                               mode_logits, parity_report, position_ids_from_mask, select_image_features, soft_prune)
 from mm_research.zoo import build_model, load_config, tiny_processor
 
 VARIANTS = [(-2, "default"), (-2, "full"), ([-3, -1], "default"), ([-1, -2, -3], "full")]
@@ -17,7 +18,8 @@ PROMPTS = ["<image> what color is the circle ?", "<image> how many shapes are th
 
 
 def variant(layer, strategy, seed=0):
-    cfg = load_config("tiny-llava"); cfg.vision_feature_layer = layer; cfg.vision_feature_select_strategy = strategy
+    cfg = load_config("tiny-llava")
+    cfg.vision_feature_layer, cfg.vision_feature_select_strategy = layer, strategy
     return build_model(cfg, seed=seed), tiny_processor("llava", cfg)
 
 
@@ -58,8 +60,8 @@ def test_features_match_transformers(model_and_batch):
     n_layers = 1 if isinstance(layer, int) else len(layer)
     assert f.raw.shape == (3, 16 if strategy == "default" else 17, 32 * n_layers)
     assert torch.equal(f.embeds, ref)
-    assert torch.equal(f.embeds, get_role(m, "projector")(f.raw))          # raw and projected come from the same tensors
-    first = layer if isinstance(layer, int) else layer[0]                   # the first block of the features is that layer's state
+    assert torch.equal(f.embeds, get_role(m, "projector")(f.raw))   # raw and projected come from the same tensors
+    first = layer if isinstance(layer, int) else layer[0]            # the features' first block is that layer's state
     expect = hs[first][:, 1:] if strategy == "default" else hs[first]
     assert torch.equal(f.raw[..., :32], expect)
 
@@ -68,7 +70,7 @@ def test_parity_all_modes(model_and_batch):
     _, m, b = model_and_batch
     ref_l, ref_t = mode_logits(m, b, "baseline"), mode_generate(m, b, "baseline", 3)
     assert ref_t.shape == (3, 3)
-    for mode in MODES:
+    for mode in EVAL_MODES:
         assert torch.equal(mode_logits(m, b, mode), ref_l), mode
         assert torch.equal(mode_generate(m, b, mode, 3), ref_t), mode
     rep = parity_report(m, b)
@@ -95,7 +97,8 @@ def test_padded_rows_equal_unpadded():
     single = proc(images=[images()[padded_row]], text=[PROMPTS[padded_row]], return_tensors="pt")
     assert torch.equal(single["pixel_values"][0], b["pixel_values"][padded_row])
     n = single["input_ids"].shape[1]
-    assert torch.allclose(mode_logits(m, b, "emb_direct")[padded_row, -n:], mode_logits(m, single, "emb_direct")[0], atol=1e-5)
+    padded = mode_logits(m, b, "emb_direct")[padded_row, -n:]
+    assert torch.allclose(padded, mode_logits(m, single, "emb_direct")[0], atol=1e-5)
 
 
 def test_image_embeds_land_at_image_tokens():
@@ -112,7 +115,8 @@ def test_image_embeds_land_at_image_tokens():
 def test_soft_pruning_scores_apply():
     m, proc = variant(-2, "default")
     b = padded_batch(proc)
-    half = torch.ones(3, 16); half[:, 8:] = 0
+    half = torch.ones(3, 16)
+    half[:, 8:] = 0
     with torch.no_grad():
         embeds = mode_inputs(m, b, "soft_pruning", scores=half)["inputs_embeds"]
     mask = b["input_ids"] == m.config.image_token_id
@@ -150,8 +154,8 @@ def test_two_tower_calls_are_bitwise_identical_in_eval():
 
 
 def test_trained_base_is_cached_by_hash(tmp_path):
-    from mm_research.data import load_vqa, make_shape_vqa
-    from mm_research.llava import encode_vqa, train_vqa_base
+    from mm_research.vqa import encode_vqa, train_vqa_base
+    from mm_research.vqa_data import load_vqa, make_shape_vqa
     from mm_research.zoo import load_processor
     root = make_shape_vqa(tmp_path/"vqa", n_train=64, n_test=16, seed=0)
     proc = load_processor("tiny-llava")
@@ -161,12 +165,12 @@ def test_trained_base_is_cached_by_hash(tmp_path):
     m1, r1 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
     m2, r2 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
     assert r1["cached"] is False and r2["cached"] is True and r1["key"] == r2["key"]
-    assert (tmp_path/"cache"/r1["key"]/"model.safetensors").is_file()
+    assert (tmp_path/"cache"/"llava_vqa_base"/r1["key"]/"model.safetensors").is_file()
     b = {k: v[:4] for k, v in te.items() if torch.is_tensor(v)}
     assert torch.equal(mode_logits(m1.cpu(), b), mode_logits(m2, b))
     untrained = build_model(load_config("tiny-llava"))
     assert not torch.equal(mode_logits(untrained, b), mode_logits(m2, b))
     _, r3 = train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, epochs=0))
-    assert r3 == {"trained": False}
+    assert r3["trained"] is False and r3["trainable_params"] == 0 and r3["parameters"] == r1["parameters"]
     with pytest.raises(ValueError, match="has no 'hidden_sizes'"):
         train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, config_overrides={"text_config.hidden_sizes": 3}))

@@ -1,16 +1,21 @@
-"Parameter accounting, the phase profiler, estimates and `memory_main` (mm_research.memory)."
-import json, os
+"Parameter accounting, estimates of the experiments' modules, the phase profiler and the memory report."
+import inspect, json, os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from pathlib import Path
 import pytest, torch
 from torch import nn
 from peft import LoraConfig, get_peft_model
-from mm_research.inspect import lora_targets
-from mm_research.memory import (MemoryProfiler, estimate, memory_main, param_summary, param_table, profile,
-                                reference_estimates, state_bytes)
-from mm_research.zoo import load_model
+from mm_research.accounting import param_summary, param_table, state_bytes
+from mm_research.estimates import (estimate, experiment_setups, gated_setup, pruning_setup, setup_estimates,
+                                   speech_setup)
+from mm_research.lora import lora_targets
+from mm_research.phase_profile import memory_report, profile, report_text
+from mm_research.profiler import MemoryProfiler
+from mm_research.zoo import load_model, load_processor
 
 MB = 10**6
 TINY = ["tiny-qwen2-audio", "tiny-llava", "tiny-blip2", "tiny-efficientnet"]
+EXPERIMENTS = Path(__file__).parents[1] / "nbs" / "experiments"
 
 
 def test_accounting_matches_peft_on_tower_only_lora():
@@ -50,7 +55,8 @@ def test_cpu_peak_grows_with_a_known_allocation():
     prof = MemoryProfiler("cpu", interval=0.001)
     with prof.phase("nothing"): pass
     with prof.phase("transient"):
-        x = torch.ones(200 * MB // 4); del x
+        x = torch.ones(200 * MB // 4)
+        del x
     with prof.phase("kept"):
         y = torch.ones(200 * MB // 4)
     r = prof.records
@@ -64,7 +70,8 @@ def test_cpu_peak_grows_with_a_known_allocation():
 def test_state_bytes_counts_storages():
     lin = nn.Linear(20, 30)                      # 630 parameters
     opt = torch.optim.AdamW(lin.parameters())
-    lin(torch.randn(2, 20)).sum().backward(); opt.step()
+    lin(torch.randn(2, 20)).sum().backward()
+    opt.step()
     got = state_bytes(lin, opt)
     assert got["weights_bytes"] == 630 * 4 and got["gradients_bytes"] == 630 * 4
     assert got["optimizer_bytes"] == 2 * 630 * 4 + 2 * 4   # exp_avg, exp_avg_sq, and a fp32 `step` per tensor
@@ -89,12 +96,51 @@ def test_estimate_arithmetic():
     assert estimate(lin, trainable="none", dtype="bf16")["total_bytes"] == 5050 * 2
 
 
-def test_reference_estimates_of_the_three_setups():
-    rows = {r["setup"].split()[0]: r for r in reference_estimates()}
-    assert rows["qwen2-audio-7b"]["trainable"] == 3_932_160
-    assert rows["llava-1.5-7b"]["trainable"] == 1024 * 256 + 256 + 256 + 1
-    assert rows["blip2-opt-2.7b"]["trainable"] == 6 * 2 * 768
-    assert rows["blip2-opt-2.7b"]["total_bytes"] >= 2 * 3_744_679_936
+def trainable_count(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_real_size_estimates_count_the_modules_the_experiments_train():
+    setups = experiment_setups()
+    rows = {r["setup"]: r for r in setup_estimates(setups)}
+    for name, m in setups.items():
+        assert all(p.is_meta for p in m.parameters()), name
+        assert rows[name]["trainable"] == trainable_count(m) > 0, name
+        assert rows[name]["total"] == sum(p.numel() for p in m.parameters()), name
+    assert rows["10_speech"]["trainable"] == 32 * 4 * 16 * (1280 + 1280) + 2 * 1280 + 1280 * 10 + 10
+    assert rows["21_pruning"]["total"] - rows["21_pruning"]["trainable"] == 7_063_427_072
+    assert rows["30_gated"]["trainable"] > 100_000_000          # FiLM gates + Q-Former + projector, not gate vectors
+
+
+def test_tiny_estimates_equal_what_the_experiments_train():
+    "Each tiny module built as its experiment builds it, with weights, against the estimate of the meta setup."
+    from mm_research.gated import build_gated_model
+    from mm_research.scorer import ScorerTraining, TokenScorer
+    from mm_research.speech import KeywordClassifier, SpeechEncoder, add_lora, freeze_for_mode, load_audio_tower
+    from mm_research.speech_data import COMMAND_WORDS
+    from mm_research.style import build_style_encoder
+    enc = SpeechEncoder(load_audio_tower("tiny-qwen2-audio", device="cpu"), load_processor("tiny-qwen2-audio"))
+    add_lora(enc, r=16, alpha=32, kinds="q,k,v,o")
+    n_speech = freeze_for_mode(KeywordClassifier(enc, len(COMMAND_WORDS)), "lora")
+    llava = load_model("tiny-llava", device="cpu")
+    n_pruning = trainable_count(ScorerTraining(llava, TokenScorer.for_model(llava, 64, "attention")))
+    n_gated = trainable_count(build_gated_model("tiny-blip2", build_style_encoder("tiny-efficientnet"), True))
+    assert estimate(speech_setup("tiny-qwen2-audio", meta=True))["trainable"] == n_speech
+    assert estimate(pruning_setup("tiny-llava", meta=True))["trainable"] == n_pruning
+    assert estimate(gated_setup("tiny-blip2", "tiny-efficientnet", meta=True))["trainable"] == n_gated
+
+
+def test_setup_defaults_are_the_experiments_defaults():
+    from mm_research.runner import notebook_parameters
+    from mm_research.gated import DEFAULT_TRAIN_PARTS
+    from mm_research.scorer import train_scorer
+    default = lambda nb, k: notebook_parameters(EXPERIMENTS / f"{nb}.ipynb")[k]["default"]
+    sig = lambda f: {k: v.default for k, v in inspect.signature(f).parameters.items()}
+    speech = sig(speech_setup)
+    for k in ("lora_rank", "lora_alpha", "targets", "strategy"): assert speech[k] == default("10_speech", k), k
+    assert sig(pruning_setup)["question_pool"] == default("21_pruning", "question_pool")
+    assert sig(pruning_setup)["hidden"] == sig(train_scorer)["hidden"]
+    assert DEFAULT_TRAIN_PARTS == default("30_gated", "train_parts")
 
 
 def test_bad_inputs():
@@ -108,12 +154,13 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="cannot run a forward pass"): profile(load_model("tiny-llava", meta=True))
     with pytest.raises(ValueError, match="reference preset"): profile("blip2-opt-2.7b")
     with pytest.raises(ValueError, match="Unknown optimizer"): estimate(nn.Linear(2, 2), optimizer="lion")
-    with pytest.raises(ValueError, match="Did you mean 'tiny-blip2'"): memory_main("tiny-blip")
+    with pytest.raises(ValueError, match="Did you mean 'tiny-blip2'"): memory_report("tiny-blip")
 
 
-def test_memory_main():
-    text = memory_main("llava-1.5-7b")
+def test_memory_report():
+    text = report_text(memory_report("llava-1.5-7b"))
     assert "7,063,427,072" in text and "estimate only" in text
-    js = json.loads(memory_main("tiny-llava", as_json=True))
+    js = json.loads(json.dumps(memory_report("tiny-llava", device="cpu")))
     assert [r["phase"] for r in js["phases"]] == ["load", "forward", "generate", "train_step"]
     assert js["params"]["total"] == sum(p.numel() for p in load_model("tiny-llava", meta=True).parameters())
+    assert "by role:" in report_text(js)

@@ -1,4 +1,4 @@
-"Vision-token pruning: keep-all parity for every pruner and mode, keep-set application, FLOPs, training mechanics."
+"Vision-token pruning (pruners, scorer, prune_eval, prune_cost): keep-all parity, keep sets, FLOPs, training."
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -8,10 +8,12 @@ import torch
 
 from mm_research.inspect import get_role
 from mm_research.llava import mode_logits, position_ids_from_mask
-from mm_research.pruning import (PRUNERS, SETTINGS, ScorerTraining, TokenScorer, apply_selection, counted_flops,
-                                 image_token_mask, keep_count, lm_prefill_flops, parse_setting, pool_selection,
-                                 pruned_logits, select_tokens, sweep_accuracy, topk_selection, train_scorer,
+from mm_research.prune_cost import counted_flops, lm_prefill_flops
+from mm_research.prune_eval import sweep_accuracy, sweep_hits
+from mm_research.pruners import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, image_token_mask, keep_count,
+                                 parse_setting, pool_selection, pruned_logits, select_tokens, topk_selection,
                                  use_eager_vision, vision_pass)
+from mm_research.scorer import ScorerTraining, TokenScorer, train_scorer
 from mm_research.zoo import build_model, load_config, tiny_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there ?",
@@ -19,7 +21,8 @@ QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are 
 
 
 def tiny(layer=-2, strategy="default", eager=True, seed=0):
-    cfg = load_config("tiny-llava"); cfg.vision_feature_layer = layer; cfg.vision_feature_select_strategy = strategy
+    cfg = load_config("tiny-llava")
+    cfg.vision_feature_layer, cfg.vision_feature_select_strategy = layer, strategy
     m = build_model(cfg, seed=seed).eval()
     return (use_eager_vision(m) if eager else m), tiny_processor("llava", cfg)
 
@@ -43,31 +46,32 @@ def test_keep_all_parity_every_pruner(model_batch, setting):
     m, _, b = model_batch
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
     scorer = TokenScorer.for_model(m)
-    for pruner in PRUNERS:
+    for pruner in KNOWN_PRUNERS:
         lg, sel = pruned_logits(m, b, pruner, 1.0, *parse_setting(setting), scorer=scorer)
         assert torch.equal(lg, ref), (pruner, setting, (lg - ref).abs().max().item())
         assert sel.slots.shape == (3, 16)
 
 
-@pytest.mark.parametrize("layer,strategy,eager", [([-3, -1], "default", True), (-2, "default", False), (-2, "full", True)])
+@pytest.mark.parametrize("layer,strategy,eager",
+                         [([-3, -1], "default", True), (-2, "default", False), (-2, "full", True)])
 def test_keep_all_parity_variants(layer, strategy, eager):
     m, proc = tiny(layer, strategy, eager)
     b = make_batch(proc)
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
-    pruners = [p for p in PRUNERS if not (p == "pool" and strategy == "full")]     # 17 tokens are no square grid
+    pruners = [p for p in KNOWN_PRUNERS if not (p == "pool" and strategy == "full")]   # 17 tokens: no square grid
     for pruner in pruners:
         for mode in ("soft", "hard"):
             lg, _ = pruned_logits(m, b, pruner, 1.0, mode, scorer=TokenScorer.for_model(m))
             assert torch.equal(lg, ref), (layer, strategy, eager, pruner, mode)
 
 
-def test_debug_all_ones_keeps_everything_at_any_ratio(model_batch):
+def test_keep_all_keeps_everything_at_any_ratio(model_batch):
     m, _, b = model_batch
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
-    ones = TokenScorer.for_model(m, debug_all_ones=True)
     for r in (0.5, 0.11):
+        assert torch.equal(select_tokens(m, b, "keep_all", r).slots, torch.arange(16).expand(3, -1))
         for mode in ("soft", "hard"):
-            assert torch.equal(pruned_logits(m, b, "learned", r, mode, scorer=ones)[0], ref)
+            assert torch.equal(pruned_logits(m, b, "keep_all", r, mode)[0], ref)
 
 
 def test_one_tower_pass_when_eager(model_batch):
@@ -148,13 +152,16 @@ def test_sweep_keep_all_row_is_baseline(model_batch):
     for st in SETTINGS:
         for p in PRUNERS:
             assert acc[st][p]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
+    hits = sweep_hits(m, data, ["keep_all"], (1.0, 0.25, 0.11), batch_size=2)
+    assert all(torch.equal(a, b) for k in hits for a, b in zip(hits[k], hits["baseline"]))
 
 
 def test_scorer_trains_llava_frozen(tmp_path, model_batch):
     m, proc, b = model_batch
     before = {k: v.clone() for k, v in m.state_dict().items()}
     ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
-    data = {**{k: torch.cat([b[k]] * 4) for k in ("pixel_values", "input_ids", "attention_mask")}, "answer_ids": ans.repeat(4)}
+    data = {**{k: torch.cat([b[k]] * 4) for k in ("pixel_values", "input_ids", "attention_mask")},
+            "answer_ids": ans.repeat(4)}
     scorer, res = train_scorer(m, data, data, epochs=1, batch_size=4, run_dir=tmp_path, device="cpu")
     assert res.history and "eval_acc" in res.history[-1]
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())   # the LLaVA did not move
@@ -174,4 +181,5 @@ def test_hard_training_loss_is_hard_pruning_loss(model_batch):
         lg, _ = pruned_logits(m, b, "learned", 0.25, "hard", "original", scorer=w.scorer, logits_to_keep=1)
         loss = w(b["pixel_values"], b["input_ids"], b["attention_mask"], ans)
     assert abs(loss.item() - torch.nn.functional.cross_entropy(lg[:, -1], ans).item()) < 1e-4
-    with pytest.raises(ValueError, match="Unknown train_mode"): ScorerTraining(m, TokenScorer.for_model(m), train_mode="x")
+    with pytest.raises(ValueError, match="Unknown train_mode"):
+        ScorerTraining(m, TokenScorer.for_model(m), train_mode="x")

@@ -1,14 +1,17 @@
-"The speech encoder: strategies, padding-free pooling, tower-only loading (memory), scoped LoRA, and `mmr run 10_speech` on a local checkpoint."
+"""The speech encoder: strategies, padding-free pooling, tower-only loading (memory), scoped LoRA, and
+`mmr run 10_speech` on a local checkpoint."""
 import json, os, subprocess, sys, textwrap
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 import numpy as np, pytest, torch
 from mm_research.zoo import load_model, load_processor, load_config, param_count
-from mm_research.inspect import get_role, roles, expected_lora_params, lora_targets
-from mm_research.speech import (SpeechEncoder, KeywordClassifier, add_lora, set_trainable, load_audio_tower,
+from mm_research.inspect import get_role, roles
+from mm_research.lora import expected_lora_params, lora_targets
+from mm_research.speech import (SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower,
                                 checkpoint_weight_map, choose_strategy, encode_tower, tower_features, masked_mean)
 
-CLIPS = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * .1 for i, n in enumerate([6000, 13000, 30000])]
+CLIPS = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * .1
+         for i, n in enumerate([6000, 13000, 30000])]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +40,15 @@ def test_tower_rejects_wrong_length_and_pooling_masks_padding(tiny):
         h, m = encode_tower(tower, **f)
         clean = masked_mean(h, m)
         # garbage in the padded hidden positions must not move the pooled embedding
-        h2 = h.clone(); h2[~m] = 1e3
+        h2 = h.clone()
+        h2[~m] = 1e3
         torch.testing.assert_close(masked_mean(h2, m), clean)
     assert m.sum().item() == 9                      # 6000 samples -> 37 frames -> 19 after conv -> 9 after pooling
 
 
 def _shard(model, proc, folder, size="150KB"):
-    model.save_pretrained(folder, max_shard_size=size); proc.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=size)
+    proc.save_pretrained(folder)
     return folder
 
 
@@ -71,13 +76,15 @@ def test_tower_only_peak_memory_is_tower_size(tmp_path):
     model_bytes = param_count(m) * 4
     def peak(call):
         code = textwrap.dedent(f"""
-            import torch; from mm_research.memory import MemoryProfiler
-            from mm_research.speech import load_audio_tower; from mm_research.zoo import load_model
+            import torch
+            from mm_research.profiler import MemoryProfiler
+            from mm_research.speech import load_audio_tower
+            from mm_research.zoo import load_model
             load_model('{tmp_path / 'ckpt'}', meta=True)   # imports and lazy initialisation, outside the measured phase
             prof = MemoryProfiler('cpu')
             with prof.phase('load'):
                 m = {call}('{tmp_path / 'ckpt'}', device='cpu')
-                touched = [p.sum() for p in m.parameters() if not p.is_meta]  # page in mmapped weights, as a forward would
+                touched = [p.sum() for p in m.parameters() if not p.is_meta]  # page in mmapped weights
             print(prof.records['load'].peak_above_start_bytes)""")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -98,10 +105,14 @@ def test_lora_scoped_counted_and_all_get_gradients(tiny):
     lora_names = [n for n, _ in shell.named_parameters() if "lora_" in n]
     assert lora_names and not [n for n in lora_names if n.startswith(lm + ".")]
     assert all(".self_attn." in n and "out_proj" not in n for n in lora_names)
-    clf = KeywordClassifier(enc, 10); set_trainable(clf, "lora")
+    clf = KeywordClassifier(enc, 10)
+    freeze_for_mode(clf, "lora")
     batch = {**enc.featurize(CLIPS), "labels": torch.tensor([0, 1, 2])}
     opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=1e-2)
-    clf.train(); clf(**batch).loss.backward(); opt.step(); opt.zero_grad()
+    clf.train()
+    clf(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
     clf(**batch).loss.backward()
     grads = {n: p.grad for n, p in clf.named_parameters() if "lora_" in n}
     assert len(grads) == 12 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
@@ -109,7 +120,7 @@ def test_lora_scoped_counted_and_all_get_gradients(tiny):
 
 def test_mmr_run_with_local_checkpoint(tiny, tmp_path, runs):
     "`mmr run 10_speech -p model <dir>`: the notebook runs on a saved checkpoint, loading the tower from its shards."
-    from mm_research.cli import run_notebook
+    from mm_research.runner import run_notebook
     model, proc = tiny
     ckpt = _shard(model, proc, tmp_path / "tiny-qwen2-audio-ckpt")
     out = run_notebook("10_speech", params={"model": str(ckpt), "epochs": 1, "max_train": 100, "modes": "frozen,lora",

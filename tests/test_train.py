@@ -11,15 +11,18 @@ from mm_research.train import fit, load_trainable, NonFiniteLossError
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.body = torch.nn.Linear(4, 8); self.body.requires_grad_(False)
-        self.drop = torch.nn.Dropout(0.2); self.head = torch.nn.Linear(8, 1)
+        self.body = torch.nn.Linear(4, 8)
+        self.body.requires_grad_(False)
+        self.drop = torch.nn.Dropout(0.2)
+        self.head = torch.nn.Linear(8, 1)
     def forward(self, x, y):
         pred = self.head(self.drop(torch.relu(self.body(x)))).squeeze(-1)
         return type("Out", (), {"loss": torch.nn.functional.mse_loss(pred, y), "pred": pred})()
 
 
 def data(n=48, seed=0):
-    g = torch.Generator().manual_seed(seed); x = torch.randn(n, 4, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
     return x, x.sum(-1)
 
 
@@ -30,12 +33,15 @@ def loaders():
 
 
 def model(seed=0):
-    torch.manual_seed(seed); return Net()
+    torch.manual_seed(seed)
+    return Net()
 
 
 def test_real_transformers_class_default_loss(tmp_path):
     from mm_research.zoo import load_model
-    m = load_model("tiny-efficientnet", device="cpu"); m.requires_grad_(False); m.classifier.requires_grad_(True)
+    m = load_model("tiny-efficientnet", device="cpu")
+    m.requires_grad_(False)
+    m.classifier.requires_grad_(True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 6, (12,), generator=g)
     dl = DataLoader([{"pixel_values": a, "labels": b} for a, b in zip(x, y)], batch_size=4)
@@ -55,7 +61,9 @@ def test_precisions_on_cpu(tmp_path, precision):
 
 def test_resume_matches_uninterrupted(tmp_path):
     kw = dict(epochs=3, lr=0.05, grad_accum=3, scheduler="linear", seed=1, progress=False)
-    tr, ev = loaders(); a = model(); full = fit(a, tr, ev, run_dir=tmp_path / "a", **kw)
+    tr, ev = loaders()
+    a = model()
+    full = fit(a, tr, ev, run_dir=tmp_path / "a", **kw)
     n = {"calls": 0}
     def crash_in_second_epoch_eval(m, dl):
         n["calls"] += 1
@@ -64,7 +72,8 @@ def test_resume_matches_uninterrupted(tmp_path):
     tr, ev = loaders()
     with pytest.raises(KeyboardInterrupt):
         fit(model(), tr, ev, eval_fn=crash_in_second_epoch_eval, run_dir=tmp_path / "b", **kw)
-    tr, ev = loaders(); b = model()
+    tr, ev = loaders()
+    b = model()
     resumed = fit(b, tr, ev, run_dir=tmp_path / "b", resume=True, **kw)
     drop_time = lambda h: [{k: v for k, v in r.items() if "time" not in k} for r in h]
     assert drop_time(resumed.history) == drop_time(full.history)
@@ -73,7 +82,8 @@ def test_resume_matches_uninterrupted(tmp_path):
 
 
 def test_nan_names_step_and_keeps_checkpoints(tmp_path):
-    tr, ev = loaders(); n = {"steps": 0}
+    tr, ev = loaders()
+    n = {"steps": 0}
     def loss_fn(m, batch):
         n["steps"] += m.training
         loss = m(**batch).loss
@@ -84,12 +94,15 @@ def test_nan_names_step_and_keeps_checkpoints(tmp_path):
     assert state["step"] == 8 and len(state["history"]) == 1
     m = load_trainable(model(5), tmp_path / "checkpoints/best")
     assert torch.isfinite(m.head.weight).all()
-    assert [json.loads(l)["epoch"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in l] == [1]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines if "eval_loss" in l] == [1]
 
 
 def test_bad_inputs(tmp_path):
     tr, ev = loaders()
     with pytest.raises(ValueError, match="best_mode"): fit(model(), tr, ev, best_mode="up", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="mixed_precision"): fit(model(), tr, ev, mixed_precision="fp8", run_dir=tmp_path)
-    with pytest.raises(ValueError, match="is not among"): fit(model(), tr, ev, best_metric="acc", run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        fit(model(), tr, ev, mixed_precision="fp8", run_dir=tmp_path)
+    with pytest.raises(ValueError, match="is not among"):
+        fit(model(), tr, ev, best_metric="acc", run_dir=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="No checkpoint"): load_trainable(model(), tmp_path / "nope")
