@@ -20,7 +20,7 @@ from .accounting import param_summary, param_table
 __all__ = ['FROZEN_ROLES', 'OPTIONAL_PARTS', 'DEFAULT_TRAIN_PARTS', 'MODEL_KEYS', 'load_blip2', 'StyleContext', 'GatedLinear',
            'cross_attention_kv', 'add_style_gates', 'StyleGatedBlip2', 'parse_parts', 'gate_parameters',
            'parameter_groups', 'apply_freeze_plan', 'parameter_table', 'answer_labels', 'ArtVQACollator', 'vqa_loss',
-           'generate_answer_ids', 'answer_hits', 'exact_match', 'cast_language_model', 'build_gated_model']
+           'generate_answer_ids', 'generation_hits', 'exact_match', 'cast_language_model', 'build_gated_model']
 
 # %% ../nbs/32_gated.ipynb #20be1bb7
 def load_blip2(model: str, seed: int = 0) -> nn.Module:
@@ -247,7 +247,7 @@ def generate_answer_ids(model: StyleGatedBlip2, batch: dict, max_new_tokens: int
                           max_new_tokens=max_new_tokens, do_sample=False)
 
 # %% ../nbs/32_gated.ipynb #910b854a
-def answer_hits(model: StyleGatedBlip2, dl, tokenizer, max_new_tokens: int = 2) -> tuple[list[bool], list[str]]:
+def generation_hits(model: StyleGatedBlip2, dl, tokenizer, max_new_tokens: int = 2) -> tuple[list[bool], list[str]]:
     "Whether each generated answer over `dl` matches its reference exactly, and each question's kind."
     model.eval()
     hits, kinds = [], []
@@ -260,7 +260,7 @@ def answer_hits(model: StyleGatedBlip2, dl, tokenizer, max_new_tokens: int = 2) 
 # %% ../nbs/32_gated.ipynb #b5497570
 def exact_match(model: StyleGatedBlip2, dl, tokenizer, max_new_tokens: int = 2) -> dict:
     "Exact-match accuracy of generated answers over `dl`: `acc` in all and `acc_<kind>` per question kind."
-    return accuracy(*answer_hits(model, dl, tokenizer, max_new_tokens), name="acc")
+    return accuracy(*generation_hits(model, dl, tokenizer, max_new_tokens), name="acc")
 
 # %% ../nbs/32_gated.ipynb #39e4a2dc
 def cast_language_model(model: StyleGatedBlip2, dtype=torch.bfloat16) -> StyleGatedBlip2:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #8c00fab1
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, math, os, random, shutil, tempfile, time
+import json, math, shutil, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,15 +13,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from safetensors.torch import load_file
+from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .core import (accuracy, atomic_write, cache_root, current_umask, make_run_dir, save_safetensors,
-                              seed_everything, to_jsonable)
+from .core import accuracy, atomic_write, make_run_dir, save_safetensors, seed_everything, to_jsonable
+from .checkpoints import (find_checkpoint, swap_in, load_state, load_trainable, rng_state, save_state,
+                                     set_rng_state, trainable_state_dict)
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'resolve_mixed_precision', 'flatten_state', 'unflatten_state', 'save_state', 'load_state', 'rng_state',
-           'set_rng_state', 'trainable_state_dict', 'load_trainable', 'FitResult', 'NonFiniteLossError',
-           'evaluate_loss', 'fit', 'eval_accuracy', 'cache_key', 'file_lock', 'cached_training']
+__all__ = ['PRECISIONS', 'resolve_mixed_precision', 'FitResult', 'NonFiniteLossError', 'evaluate_loss', 'fit', 'eval_accuracy']
 
 # %% ../nbs/06_train.ipynb #a7b83643
 PRECISIONS = {"no": "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -32,98 +31,6 @@ def resolve_mixed_precision(mixed_precision: str = "auto") -> str:
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"Unknown mixed_precision {mixed_precision!r}: use 'auto', 'no' (fp32), 'bf16' or 'fp16'.")
     return PRECISIONS[mixed_precision]
-
-# %% ../nbs/06_train.ipynb #01ce15c3
-def flatten_state(obj, tensors: dict | None = None, prefix: str = "t") -> tuple[object, dict]:
-    "`obj` with each tensor replaced by `{'__tensor__': key}`, and the `{key: tensor}` dict."
-    tensors = {} if tensors is None else tensors
-    if isinstance(obj, torch.Tensor):
-        key = f"{prefix}.{len(tensors)}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}, tensors
-    if isinstance(obj, np.ndarray): return flatten_state(torch.from_numpy(obj.copy()), tensors, prefix)
-    if isinstance(obj, dict):
-        if not all(isinstance(k, (str, int)) for k in obj):
-            raise TypeError(f"State keys must be str or int, got {list(obj)[:3]}")
-        return {"__dict__": [[k, flatten_state(v, tensors, prefix)[0]] for k, v in obj.items()]}, tensors
-    if isinstance(obj, tuple): return {"__tuple__": [flatten_state(v, tensors, prefix)[0] for v in obj]}, tensors
-    if isinstance(obj, list): return [flatten_state(v, tensors, prefix)[0] for v in obj], tensors
-    if obj is None or isinstance(obj, (bool, int, float, str)): return obj, tensors
-    raise TypeError(f"Cannot store a {type(obj).__name__} in a checkpoint without pickle: {obj!r:.80}")
-
-def unflatten_state(obj, tensors: dict):
-    "Inverse of `flatten_state`."
-    if isinstance(obj, dict):
-        if "__tensor__" in obj: return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj: return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
-        return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, list): return [unflatten_state(v, tensors) for v in obj]
-    return obj
-
-def save_state(state, folder: Path, name: str) -> None:
-    "Save a nested state as `name.json` + `name.safetensors` in `folder`."
-    struct, tensors = flatten_state(state)
-    if tensors: save_safetensors(tensors, folder/f"{name}.safetensors")
-    atomic_write(folder/f"{name}.json", json.dumps(struct, allow_nan=True))
-
-def load_state(folder: Path, name: str):
-    "Load what `save_state` wrote."
-    st = folder/f"{name}.safetensors"
-    return unflatten_state(json.loads((folder/f"{name}.json").read_text()), load_file(st) if st.exists() else {})
-
-# %% ../nbs/06_train.ipynb #10119217
-def rng_state(generator: torch.Generator | None = None) -> dict:
-    "Every random generator's state (python, numpy, torch, cuda, and `generator`)."
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available(): s["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None: s["generator"] = generator.get_state()
-    return s
-
-def set_rng_state(s: dict, generator: torch.Generator | None = None) -> None:
-    "Restore what `rng_state` returned."
-    v, st, g = s["python"]
-    random.setstate((v, tuple(st), g))
-    np.random.set_state(tuple(s["numpy"]))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
-    if generator is not None and "generator" in s: generator.set_state(s["generator"])
-
-# %% ../nbs/06_train.ipynb #a9e35dc5
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    "The parameters of `model` that require grad, by name."
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-def load_trainable(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    "Load a checkpoint of trainable parameters (a `model.safetensors` file or its folder) into `model`."
-    path = Path(path)
-    path = path/"model.safetensors" if path.is_dir() else path
-    if not path.exists():
-        raise FileNotFoundError(f"No checkpoint at {path}: pass a checkpoint folder from FitResult "
-                                "or its model.safetensors.")
-    sd = load_file(path)
-    params = dict(model.named_parameters())
-    missing = [k for k in sd if k not in params]
-    if missing:
-        raise ValueError(f"Checkpoint {path} has {len(missing)} parameter(s) this model lacks, e.g. {missing[:3]}: "
-                                 "was it saved from a differently wrapped model (LoRA/PEFT)?")
-    with torch.no_grad():
-        for k, v in sd.items(): params[k].copy_(v)
-    return model
-
-# %% ../nbs/06_train.ipynb #8f12858e
-def _swap_in(tmp: Path, final: Path) -> Path:
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        if old.exists(): shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists(): shutil.rmtree(old)
-    return final
-
-def _find_checkpoint(folder: Path) -> Path | None:
-    for p in (folder, folder.with_name(folder.name + ".old")):
-        if (p/"trainer_state.json").exists(): return p
-    return None
 
 # %% ../nbs/06_train.ipynb #a5485f50
 @dataclass
@@ -194,7 +101,163 @@ def evaluate_loss(model, dl, loss_fn, accelerator) -> float:
             n += loss.numel()
     return total / max(n, 1)
 
-# %% ../nbs/06_train.ipynb #a191f27b
+# %% ../nbs/06_train.ipynb #c0710c84
+def _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir, keep_last) -> None:
+    "Raise a clear ValueError for arguments `fit` cannot use, before any work."
+    if best_mode not in ("min", "max"): raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
+    if resume and run_dir is None: raise ValueError("resume=True needs the run_dir of the run to continue.")
+    if resume and not keep_last:
+        raise ValueError("resume=True needs keep_last=True: the last checkpoint is what resumes.")
+
+# %% ../nbs/06_train.ipynb #c565e6b3
+@dataclass
+class _Loop:
+    "The state of one `fit`: prepared objects, where it writes, and the history so far."
+    acc: Accelerator
+    model: torch.nn.Module
+    optimizer: object
+    sched: object
+    train_dl: object
+    eval_dl: object
+    loss_fn: Callable
+    eval_fn: Callable | None
+    ckpt_dir: Path
+    jsonl: Path
+    best_metric: str
+    best_mode: str
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    step: int = 0
+    start_epoch: int = 0
+
+    @property
+    def unwrapped(self): return self.acc.unwrap_model(self.model)
+
+    @property
+    def generator(self): return getattr(self.train_dl, "synchronized_generator", None)
+
+# %% ../nbs/06_train.ipynb #11a11f1d
+@patch
+def resume(self: _Loop) -> None:
+    "Continue from the last checkpoint when there is one: weights, optimizer, scheduler, RNG and history."
+    last = find_checkpoint(self.ckpt_dir/"last")
+    if last is None: return
+    state = json.loads((last/"trainer_state.json").read_text())
+    load_trainable(self.unwrapped, last)
+    self.optimizer.optimizer.load_state_dict(load_state(last, "optimizer"))
+    if self.sched is not None: self.sched.scheduler.load_state_dict(load_state(last, "scheduler"))
+    set_rng_state(load_state(last, "rng"), self.generator)
+    self.history, self.best = state["history"], state["best"]
+    self.step, self.start_epoch = state["step"], state["epoch"]
+    if self.acc.is_main_process: _truncate_jsonl(self.jsonl, self.step)
+
+# %% ../nbs/06_train.ipynb #258af46e
+@patch
+def save(self: _Loop, folder: Path, full: bool, epoch: int) -> Path:
+    "Write a checkpoint at `folder` (trainable weights; with `full`, also optimizer, scheduler and RNG states)."
+    tmp = self.ckpt_dir/f".{folder.name}.tmp"
+    if tmp.exists(): shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_safetensors(trainable_state_dict(self.unwrapped), tmp/"model.safetensors")
+    if full:
+        save_state(self.optimizer.optimizer.state_dict(), tmp, "optimizer")
+        if self.sched is not None: save_state(self.sched.scheduler.state_dict(), tmp, "scheduler")
+        save_state(rng_state(self.generator), tmp, "rng")
+    state = {"epoch": epoch, "step": self.step, "history": self.history, "best": self.best,
+             "best_metric": self.best_metric}
+    atomic_write(tmp/"trainer_state.json", json.dumps(to_jsonable(state), indent=1))
+    return swap_in(tmp, folder)
+
+# %% ../nbs/06_train.ipynb #d18e45f1
+@patch
+def train_step(self: _Loop, batch, where: str, max_grad_norm) -> float:
+    "One (accumulated) optimisation step on `batch`; the loss, or NonFiniteLossError naming `where`."
+    acc = self.acc
+    with acc.accumulate(self.model):
+        loss = self.loss_fn(self.model, batch)
+        lval = acc.reduce(loss.detach().float(), "mean").item()
+        if not math.isfinite(lval):
+            done = self.history[-1]["step"] if self.history else 0
+            raise NonFiniteLossError(
+                f"Loss is {lval} at {where}; training stopped. Checkpoints already saved in {self.ckpt_dir} are "
+                f"kept (last completed step: {done}). "
+                "Try a lower lr, mixed_precision='bf16' instead of 'fp16', or check the batch for bad values.")
+        acc.backward(loss)
+        if acc.sync_gradients and max_grad_norm: acc.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+        self.optimizer.step()
+        if self.sched is not None: self.sched.step()
+        self.optimizer.zero_grad()
+    return lval
+
+# %% ../nbs/06_train.ipynb #dd986e27
+@patch
+def train_epoch(self: _Loop, epoch: int, epochs: int, max_grad_norm, log_every: int, grad_accum: int,
+                progress: bool) -> list[float]:
+    "Train one epoch; the per-batch losses."
+    self.model.train()
+    losses = []
+    bar = tqdm(self.train_dl, desc=f"epoch {epoch+1}/{epochs}", leave=False,
+               disable=not (progress and self.acc.is_local_main_process))
+    for i, batch in enumerate(bar):
+        where = f"step {self.step + 1} (epoch {epoch + 1}, batch {i + 1})"
+        losses.append(self.train_step(batch, where, max_grad_norm))
+        if not self.acc.sync_gradients: continue
+        self.step += 1
+        if self.step % log_every == 0 and self.acc.is_main_process:
+            lr = self.optimizer.param_groups[0]["lr"]
+            _append_jsonl(self.jsonl, {"step": self.step, "epoch": epoch + 1, "lr": lr,
+                                       "train_loss": float(np.mean(losses[-grad_accum:]))})
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+# %% ../nbs/06_train.ipynb #f4bd4d40
+@patch
+def end_epoch(self: _Loop, record: dict, keep_last: bool) -> None:
+    "Evaluate into `record`, log it, and checkpoint the best (and the last) epoch."
+    if self.eval_dl is not None:
+        record["eval_loss"] = evaluate_loss(self.model, self.eval_dl, self.loss_fn, self.acc)
+        if self.eval_fn is not None: record.update(self.eval_fn(self.model, self.eval_dl))
+    if self.best_metric not in record:
+        raise ValueError(f"best_metric {self.best_metric!r} is not among this run's metrics {sorted(record)}: "
+                         "pass eval_dl (for eval_loss) or an eval_fn that returns it.")
+    self.history.append(record)
+    if self.acc.is_main_process: _append_jsonl(self.jsonl, record)
+    self.acc.wait_for_everyone()
+    v, best = record[self.best_metric], self.best
+    better = best is None or (v < best[self.best_metric] if self.best_mode == "min" else v > best[self.best_metric])
+    if self.acc.is_main_process:
+        if better:
+            self.best = dict(record)
+            self.save(self.ckpt_dir/"best", False, record["epoch"])
+        if keep_last: self.save(self.ckpt_dir/"last", True, record["epoch"])
+    self.acc.wait_for_everyone()
+
+# %% ../nbs/06_train.ipynb #2e27edf5
+def _prepared_loop(model, train_dl, eval_dl, loss_fn, eval_fn, optimizer, scheduler, warmup_steps, lr, weight_decay,
+                   epochs, grad_accum, mixed_precision, cpu, run_dir: Path, best_metric, best_mode) -> _Loop:
+    "A `_Loop` with model, optimizer, scheduler and loaders prepared by Accelerate."
+    acc = _accelerator(mixed_precision, grad_accum, cpu)
+    optimizer = optimizer or _optimizer(model, lr, weight_decay)
+    sched = _scheduler(scheduler, optimizer, math.ceil(len(train_dl) / grad_accum) * epochs, warmup_steps)
+    model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
+    if eval_dl is not None: eval_dl = acc.prepare(eval_dl)
+    if sched is not None: sched = acc.prepare(sched)
+    (run_dir/"checkpoints").mkdir(exist_ok=True)
+    return _Loop(acc, model, optimizer, sched, train_dl, eval_dl, loss_fn or _default_loss, eval_fn,
+                 run_dir/"checkpoints", run_dir/"metrics.jsonl", best_metric, best_mode)
+
+# %% ../nbs/06_train.ipynb #c20084ec
+def _fit_result(loop: _Loop, run_dir: Path, step_times: list[float]) -> FitResult:
+    loop.model.eval()
+    found = lambda name: loop.ckpt_dir/name if (loop.ckpt_dir/name).exists() else None
+    n_trainable = sum(p.numel() for p in loop.unwrapped.parameters() if p.requires_grad)
+    return FitResult(loop.history, loop.best, found("last"), found("best"), run_dir, n_trainable,
+                     float(np.median(step_times)) if step_times else None)
+
+# %% ../nbs/06_train.ipynb #ea1e2157
 def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | None = None,
         eval_fn: Callable | None = None, epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None, scheduler: str | Callable | None = None, warmup_steps: int = 0,
@@ -203,114 +266,24 @@ def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | N
         resume: bool = False, keep_last: bool = True, log_every: int = 10, seed: int | None = 0, cpu: bool = False,
         progress: bool = True) -> FitResult:
     "The `FitResult` of training `model`'s trainable parameters on `train_dl`, evaluated and checkpointed each epoch."
-    if best_mode not in ("min", "max"): raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
-    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
-    if resume and run_dir is None: raise ValueError("resume=True needs the run_dir of the run to continue.")
-    if resume and not keep_last:
-        raise ValueError("resume=True needs keep_last=True: the last checkpoint is what resumes.")
-    loss_fn = loss_fn or _default_loss
+    _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir, keep_last)
     if seed is not None: seed_everything(seed)
     run_dir = make_run_dir("train", run_dir)
-    ckpt_dir = run_dir/"checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    jsonl = run_dir/"metrics.jsonl"
-
-    acc = _accelerator(mixed_precision, grad_accum, cpu)
-    optimizer = optimizer or _optimizer(model, lr, weight_decay)
-    steps_per_epoch = math.ceil(len(train_dl) / grad_accum)
-    sched = _scheduler(scheduler, optimizer, steps_per_epoch * epochs, warmup_steps)
-    model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
-    if eval_dl is not None: eval_dl = acc.prepare(eval_dl)
-    if sched is not None: sched = acc.prepare(sched)
-    unwrapped = acc.unwrap_model(model)
-    generator = getattr(train_dl, "synchronized_generator", None)
-    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-
-    history, best, step, start_epoch = [], None, 0, 0
-    last = _find_checkpoint(ckpt_dir/"last") if resume else None
-    if last is not None:
-        state = json.loads((last/"trainer_state.json").read_text())
-        load_trainable(unwrapped, last)
-        optimizer.optimizer.load_state_dict(load_state(last, "optimizer"))
-        if sched is not None: sched.scheduler.load_state_dict(load_state(last, "scheduler"))
-        set_rng_state(load_state(last, "rng"), generator)
-        history, best, step, start_epoch = state["history"], state["best"], state["step"], state["epoch"]
-        if acc.is_main_process: _truncate_jsonl(jsonl, step)
-    elif acc.is_main_process and jsonl.exists() and not resume: jsonl.unlink()
-
-    def save(folder: Path, full: bool, epoch: int):
-        tmp = ckpt_dir/f".{folder.name}.tmp"
-        if tmp.exists(): shutil.rmtree(tmp)
-        tmp.mkdir()
-        save_safetensors(trainable_state_dict(unwrapped), tmp/"model.safetensors")
-        if full:
-            save_state(optimizer.optimizer.state_dict(), tmp, "optimizer")
-            if sched is not None: save_state(sched.scheduler.state_dict(), tmp, "scheduler")
-            save_state(rng_state(generator), tmp, "rng")
-        atomic_write(tmp/"trainer_state.json", json.dumps(to_jsonable(
-            {"epoch": epoch, "step": step, "history": history, "best": best, "best_metric": best_metric}), indent=1))
-        return _swap_in(tmp, folder)
-
-    def better(v):
-        if best is None: return True
-        return v < best[best_metric] if best_mode == "min" else v > best[best_metric]
-
-    step_times = []
-    for epoch in range(start_epoch, epochs):
-        model.train()
+    loop = _prepared_loop(model, train_dl, eval_dl, loss_fn, eval_fn, optimizer, scheduler, warmup_steps, lr,
+                          weight_decay, epochs, grad_accum, mixed_precision, cpu, run_dir, best_metric, best_mode)
+    if resume: loop.resume()
+    elif loop.acc.is_main_process and loop.jsonl.exists(): loop.jsonl.unlink()
+    steps_per_epoch, step_times = math.ceil(len(train_dl) / grad_accum), []
+    for epoch in range(loop.start_epoch, epochs):
         t0 = time.perf_counter()
-        losses = []
-        bar = tqdm(train_dl, desc=f"epoch {epoch+1}/{epochs}", leave=False,
-                   disable=not (progress and acc.is_local_main_process))
-        for i, batch in enumerate(bar):
-            with acc.accumulate(model):
-                loss = loss_fn(model, batch)
-                lval = acc.reduce(loss.detach().float(), "mean").item()
-                if not math.isfinite(lval):
-                    raise NonFiniteLossError(
-                        f"Loss is {lval} at step {step + 1} (epoch {epoch + 1}, batch {i + 1}); training stopped. "
-                        f"Checkpoints already saved in {ckpt_dir} are kept "
-                        f"(last completed step: {history[-1]['step'] if history else 0}). "
-                        "Try a lower lr, mixed_precision='bf16' instead of 'fp16', or check the batch for bad values.")
-                acc.backward(loss)
-                if acc.sync_gradients and max_grad_norm: acc.clip_grad_norm_(model.parameters(), max_grad_norm)
-                optimizer.step()
-                if sched is not None: sched.step()
-                optimizer.zero_grad()
-            losses.append(lval)
-            if acc.sync_gradients:
-                step += 1
-                if step % log_every == 0 and acc.is_main_process:
-                    _append_jsonl(jsonl, {"step": step, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                                          "train_loss": float(np.mean(losses[-grad_accum:]))})
-                bar.set_postfix(loss=f"{lval:.4f}")
+        losses = loop.train_epoch(epoch, epochs, max_grad_norm, log_every, grad_accum, progress)
         train_time = time.perf_counter() - t0
         step_times.append(train_time / max(steps_per_epoch, 1))
-        record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)),
-                  "lr": optimizer.param_groups[0]["lr"], "train_time_s": train_time, "step_time_s": step_times[-1]}
-        if eval_dl is not None:
-            record["eval_loss"] = evaluate_loss(model, eval_dl, loss_fn, acc)
-            if eval_fn is not None: record.update(eval_fn(model, eval_dl))
-            model.train()
-        if best_metric not in record:
-            raise ValueError(f"best_metric {best_metric!r} is not among this run's metrics {sorted(record)}: "
-                             "pass eval_dl (for eval_loss) or an eval_fn that returns it.")
-        history.append(record)
-        if acc.is_main_process: _append_jsonl(jsonl, record)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if better(record[best_metric]):
-                best = dict(record)
-                save(ckpt_dir/"best", False, epoch + 1)
-            if keep_last: save(ckpt_dir/"last", True, epoch + 1)
-        acc.wait_for_everyone()
-    model.eval()
-    best_ckpt = ckpt_dir/"best" if (ckpt_dir/"best").exists() else None
-    last_ckpt = ckpt_dir/"last" if (ckpt_dir/"last").exists() else None
-    return FitResult(history, best, last_ckpt, best_ckpt, run_dir, n_trainable,
-                     float(np.median(step_times)) if step_times else None)
+        record = {"epoch": epoch + 1, "step": loop.step, "train_loss": float(np.mean(losses)),
+                  "lr": loop.optimizer.param_groups[0]["lr"], "train_time_s": train_time, "step_time_s": step_times[-1]}
+        loop.end_epoch(record, keep_last)
+        loop.model.train()
+    return _fit_result(loop, run_dir, step_times)
 
 # %% ../nbs/06_train.ipynb #5766f0c9
 def _argmax_logits(target: str):
@@ -322,38 +295,3 @@ def eval_accuracy(model, dl, predict: Callable | None = None, target: str = "lab
     model.eval()
     with torch.no_grad(): hits = [(predict(model, b) == b[target]).flatten().cpu() for b in dl]
     return accuracy(torch.cat(hits) if hits else [], name=name)
-
-# %% ../nbs/06_train.ipynb #6dad1488
-def cache_key(spec: dict) -> str:
-    "A short stable hash of the JSON form of `spec`."
-    return hashlib.sha256(json.dumps(to_jsonable(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-@contextlib.contextmanager
-def file_lock(path: str | Path):
-    "Hold an exclusive lock on `path` (created if missing) for the block."
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try: yield path
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
-
-# %% ../nbs/06_train.ipynb #5b02107f
-def cached_training(kind: str, spec: dict, train_fn: Callable[[Path], dict], cache_dir: str | Path | None = None):
-    "`(folder, record)` of the training keyed by `spec`: from the cache, else made by `train_fn(folder)`."
-    root = Path(cache_dir or cache_root()/"trained")/kind
-    root.mkdir(parents=True, exist_ok=True)
-    key = cache_key({"kind": kind, **spec})
-    folder = root/key
-    with file_lock(root/f".{key}.lock"):
-        if (folder/"record.json").exists():
-            return folder, {**json.loads((folder/"record.json").read_text()), "cached": True}
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.", suffix=".tmp"))
-        try:
-            record = {**to_jsonable(train_fn(tmp) or {}), "key": key, "spec": to_jsonable(spec)}
-            atomic_write(tmp/"record.json", json.dumps(record, indent=2) + "\n")
-            tmp.chmod(0o777 & ~current_umask())
-            if folder.exists(): shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return folder, {**record, "cached": False}

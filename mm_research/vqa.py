@@ -17,7 +17,8 @@ __all__ = ['encode_vqa', 'vqa_slice', 'vqa_training_batch', 'vqa_loader', 'vqa_p
 import torch
 from .core import accuracy
 from .llava import mode_generate, position_ids_from_mask
-from .train import cached_training, fit, load_trainable
+from .cache import cached_training
+from .train import fit, load_trainable
 from .vqa_data import VQA_ANSWERS
 from .zoo import PRESETS, build_model, load_config, load_model, override_config, param_count
 

@@ -35,7 +35,7 @@ def reference_config(name: str) -> PretrainedConfig:
     text = resources.files("mm_research").joinpath("configs", REFERENCE_FILES[name]).read_text()
     return config_from_dict(json.loads(text))
 
-# %% ../nbs/01_zoo.ipynb #d8dd1601
+# %% ../nbs/01_zoo.ipynb #c54b3983
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 VOCAB_WORDS = """
 a an the is are of in on at to and or it this that there what which how many much where who does do
@@ -64,11 +64,12 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
         extra_special_tokens={"image_token": "<image>", "audio_token": "<|AUDIO|>",
                               "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"})
 
-# %% ../nbs/01_zoo.ipynb #79207b6d
+# %% ../nbs/01_zoo.ipynb #4fa226ad
 def _text_ids(tok) -> dict:
     return dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.eos_token_id)
 
+# %% ../nbs/01_zoo.ipynb #879a1daf
 def tiny_qwen2_audio_config(tok) -> PretrainedConfig:
     "A tiny Qwen2AudioConfig: 2-layer Whisper-style encoder (d_model 64, 200 mel frames) and a 2-layer Qwen2."
     from transformers import Qwen2AudioConfig
@@ -79,6 +80,7 @@ def tiny_qwen2_audio_config(tok) -> PretrainedConfig:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **_text_ids(tok)),
         audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"), pad_token_id=tok.pad_token_id)
 
+# %% ../nbs/01_zoo.ipynb #55a56716
 def tiny_llava_config(tok) -> PretrainedConfig:
     "A tiny LlavaConfig: 3-layer CLIP ViT (32 px, patch 8: 16 patches + CLS) and a 2-layer Llama."
     from transformers import LlavaConfig
@@ -90,6 +92,7 @@ def tiny_llava_config(tok) -> PretrainedConfig:
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=tok.pad_token_id)
 
+# %% ../nbs/01_zoo.ipynb #966df1dc
 def tiny_blip2_config(tok) -> PretrainedConfig:
     "A tiny Blip2Config: 2-layer ViT (32 px), 2-layer Q-Former (cross-attention in each), 4 queries, 2-layer OPT."
     from transformers import Blip2Config
@@ -103,46 +106,51 @@ def tiny_blip2_config(tok) -> PretrainedConfig:
                          word_embed_proj_dim=64, max_position_embeddings=512, **_text_ids(tok)),
         num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
 
+# %% ../nbs/01_zoo.ipynb #eb40837d
 def tiny_efficientnet_config(num_labels: int = 6) -> PretrainedConfig:
     "A tiny EfficientNetConfig (32 px, width 0.25, depth 0.3, hidden_dim round_filters(1280)=320), `num_labels` styles."
     from transformers import EfficientNetConfig
     return EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.3, hidden_dim=320,
                               dropout_rate=0.0, num_labels=num_labels)
 
-# %% ../nbs/01_zoo.ipynb #fd65f304
+# %% ../nbs/01_zoo.ipynb #c9947982
+def _audio_processor(config: PretrainedConfig, tok):
+    from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
+    ac = config.audio_config
+    fe = WhisperFeatureExtractor(feature_size=ac.num_mel_bins, sampling_rate=16000, hop_length=160,
+                                 chunk_length=2 * ac.max_source_positions * 160 // 16000, n_fft=400)
+    return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok)
+
+# %% ../nbs/01_zoo.ipynb #bd10459a
+def _llava_processor(config: PretrainedConfig, tok):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    vc = config.vision_config
+    ip = CLIPImageProcessorPil(size={"shortest_edge": vc.image_size},
+                               crop_size={"height": vc.image_size, "width": vc.image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1)
+
+# %% ../nbs/01_zoo.ipynb #1ad16e23
+def _blip2_processor(config: PretrainedConfig, tok):
+    from transformers import AddedToken, Blip2Processor, BlipImageProcessorPil
+    s = config.vision_config.image_size
+    proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
+                          tokenizer=tok, num_query_tokens=config.num_query_tokens)
+    proc.image_token = AddedToken("<image>", normalized=False, special=True)  # what transformers expects here
+    return proc
+
+# %% ../nbs/01_zoo.ipynb #2d27883c
 def tiny_processor(family: str, config: PretrainedConfig):
     "The processor of a tiny preset of `family`, sized to `config`."
-    from transformers import AddedToken
     if family == "efficientnet":
         from transformers import EfficientNetImageProcessorPil
-        s = config.image_size
-        return EfficientNetImageProcessorPil(size={"height": s, "width": s})
-    tok = build_tokenizer()
-    if family == "qwen2_audio":
-        from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
-        ac = config.audio_config
-        fe = WhisperFeatureExtractor(feature_size=ac.num_mel_bins, sampling_rate=16000, hop_length=160,
-                                     chunk_length=2 * ac.max_source_positions * 160 // 16000, n_fft=400)
-        return Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tok)
-    if family == "llava":
-        from transformers import CLIPImageProcessorPil, LlavaProcessor
-        vc = config.vision_config
-        ip = CLIPImageProcessorPil(size={"shortest_edge": vc.image_size},
-                                   crop_size={"height": vc.image_size, "width": vc.image_size})
-        return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size,
-                              vision_feature_select_strategy=config.vision_feature_select_strategy,
-                              num_additional_image_tokens=1)
-    if family == "blip2":
-        from transformers import Blip2Processor, BlipImageProcessorPil
-        s = config.vision_config.image_size
-        proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
-                              tokenizer=tok, num_query_tokens=config.num_query_tokens)
-        # transformers expects an AddedToken here
-        proc.image_token = AddedToken("<image>", normalized=False, special=True)
-        return proc
-    raise ValueError(f"No tiny processor for family {family!r}")
+        return EfficientNetImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+    makers = {"qwen2_audio": _audio_processor, "llava": _llava_processor, "blip2": _blip2_processor}
+    if family not in makers: raise ValueError(f"No tiny processor for family {family!r}: use one of {list(makers)}.")
+    return makers[family](config, build_tokenizer())
 
-# %% ../nbs/01_zoo.ipynb #3602c823
+# %% ../nbs/01_zoo.ipynb #63b302e0
 @dataclass(frozen=True)
 class Preset:
     "A named model: its class, how to build its config, and whether it is a meta-only reference."
@@ -160,6 +168,7 @@ class Preset:
         cfg.architectures = [self.model_class]
         return cfg
 
+# %% ../nbs/01_zoo.ipynb #3a940d3f
 TINY_CONFIGS = {"qwen2_audio": tiny_qwen2_audio_config, "llava": tiny_llava_config, "blip2": tiny_blip2_config}
 
 PRESETS = {p.name: p for p in [
@@ -176,13 +185,14 @@ PRESETS = {p.name: p for p in [
            "EfficientNet twin, 6 styles, for CPU"),
 ]}
 
-# %% ../nbs/01_zoo.ipynb #0e922e43
+# %% ../nbs/01_zoo.ipynb #b63f7fa9
 def _unknown(name: str, why: str = "") -> ValueError:
     close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return ValueError(f"Unknown model {name!r}{why}.{hint} Presets: {', '.join(PRESETS)}. "
                       "Or pass a local checkpoint directory, a config.json, or a hub id (needs network).")
 
+# %% ../nbs/01_zoo.ipynb #166185e5
 def load_config(name_or_path: str | Path) -> PretrainedConfig:
     "The config of a preset, a local checkpoint dir, a bare config.json, or a hub id."
     name = str(name_or_path)
@@ -197,6 +207,7 @@ def load_config(name_or_path: str | Path) -> PretrainedConfig:
     except OSError as e:
         raise _unknown(name, f" (not found locally, and the hub could not be reached: {str(e).splitlines()[0]})") from e
 
+# %% ../nbs/01_zoo.ipynb #3d84e424
 def model_class_for(config: PretrainedConfig) -> type:
     "The transformers model class for `config`: its `architectures`, else the first Auto mapping that has it."
     for arch in getattr(config, "architectures", None) or []:
@@ -208,7 +219,7 @@ def model_class_for(config: PretrainedConfig) -> type:
         if type(config) in mapping: return mapping[type(config)]
     raise ValueError(f"No transformers model class is registered for {type(config).__name__}.")
 
-# %% ../nbs/01_zoo.ipynb #75dea989
+# %% ../nbs/01_zoo.ipynb #8397e0f4
 def build_model(config: PretrainedConfig, meta: bool = False, seed: int = 0) -> torch.nn.Module:
     "A model of the class for `config`, with random (seeded) weights, or on the meta device."
     cls = model_class_for(config)
@@ -218,6 +229,7 @@ def build_model(config: PretrainedConfig, meta: bool = False, seed: int = 0) -> 
         torch.manual_seed(seed)
         return cls._from_config(config).eval()
 
+# %% ../nbs/01_zoo.ipynb #b047618a
 def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", meta: bool | None = None,
                seed: int = 0) -> torch.nn.Module:
     "A model from a preset, a local checkpoint, a config.json or a hub id, on `device` in `dtype`."
@@ -234,6 +246,7 @@ def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "aut
     config = load_config(name)  # validates the name first, with the clear error
     return model_class_for(config).from_pretrained(name, dtype=dt).to(dev).eval()
 
+# %% ../nbs/01_zoo.ipynb #f763759c
 def load_processor(name_or_path: str | Path):
     "The processor of a tiny preset, local dir or hub id; None for reference presets (no tokenizer ships)."
     name = str(name_or_path)
@@ -244,6 +257,7 @@ def load_processor(name_or_path: str | Path):
     try: return AutoProcessor.from_pretrained(name)
     except (OSError, ValueError, TypeError): return AutoImageProcessor.from_pretrained(name)
 
+# %% ../nbs/01_zoo.ipynb #68b5c79c
 def param_count(model: torch.nn.Module) -> int:
     "Number of parameters of `model` (shared tensors counted once)."
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
