@@ -4,19 +4,21 @@
 
 # %% ../nbs/05b_cache.ipynb #1ccdf516
 from __future__ import annotations
-import contextlib, fcntl, hashlib, json, os, shutil, tempfile
+import contextlib, fcntl, hashlib, json, os, platform, shutil, tempfile
 from pathlib import Path
 from typing import Callable
+import torch
 from .core import atomic_write, cache_root, current_umask, to_jsonable
 
 # %% auto #0
-__all__ = ['cache_key', 'file_lock', 'cached_training']
+__all__ = ['cache_key', 'file_lock', 'numerics_key', 'code_fingerprint', 'cached_training']
 
 # %% ../nbs/05b_cache.ipynb #6dad1488
 def cache_key(spec: dict) -> str:
     "A short stable hash of the JSON form of `spec`."
     return hashlib.sha256(json.dumps(to_jsonable(spec), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+# %% ../nbs/05b_cache.ipynb #a98e5612
 @contextlib.contextmanager
 def file_lock(path: str | Path):
     "Hold an exclusive lock on `path` (created if missing) for the block."
@@ -25,19 +27,43 @@ def file_lock(path: str | Path):
         try: yield path
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+# %% ../nbs/05b_cache.ipynb #afb5d1f7
+def numerics_key() -> dict:
+    "Library versions, CPU instruction set and thread count: what changes a trained result beyond its spec."
+    import transformers
+    return dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                cuda=torch.version.cuda if torch.cuda.is_available() else None)
+
+# %% ../nbs/05b_cache.ipynb #2e749981
+def _hash_code(code, h) -> None:
+    h.update(code.co_code)
+    for c in code.co_consts:
+        if hasattr(c, "co_code"): _hash_code(c, h)
+        else: h.update(repr(sorted(map(repr, c)) if isinstance(c, frozenset) else c).encode())
+
+def code_fingerprint(fn: Callable) -> str:
+    "A hash of `fn`'s code and of the training loop's source: it changes when the training code does."
+    import mm_research.checkpoints, mm_research.train
+    h = hashlib.sha256()
+    _hash_code(fn.__code__, h)
+    for m in (mm_research.train, mm_research.checkpoints): h.update(Path(m.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
 # %% ../nbs/05b_cache.ipynb #5b02107f
 def cached_training(kind: str, spec: dict, train_fn: Callable[[Path], dict], cache_dir: str | Path | None = None):
-    "`(folder, record)` of the training keyed by `spec`: from the cache, else made by `train_fn(folder)`."
+    "`(folder, record)` of the training keyed by `spec`, numerics and code: cached, else made by `train_fn`."
     root = Path(cache_dir or cache_root()/"trained")/kind
     root.mkdir(parents=True, exist_ok=True)
-    key = cache_key({"kind": kind, **spec})
+    key = cache_key({"kind": kind, **spec, "numerics": numerics_key(), "code": code_fingerprint(train_fn)})
     folder = root/key
     with file_lock(root/f".{key}.lock"):
         if (folder/"record.json").exists():
             return folder, {**json.loads((folder/"record.json").read_text()), "cached": True}
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.", suffix=".tmp"))
         try:
-            record = {**to_jsonable(train_fn(tmp) or {}), "key": key, "spec": to_jsonable(spec)}
+            record = {**to_jsonable(train_fn(tmp) or {}), "key": key, "spec": to_jsonable(spec),
+                      "numerics": numerics_key()}
             atomic_write(tmp/"record.json", json.dumps(record, indent=2) + "\n")
             tmp.chmod(0o777 & ~current_umask())
             if folder.exists(): shutil.rmtree(folder)

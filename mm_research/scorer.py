@@ -135,7 +135,7 @@ def train_scorer(model, train: dict, val: dict | None = None, *, keep_ratio: flo
                  batch_size: int = 32, lr: float = 3e-3, hidden: int = 64, budget_weight: float = 1.0,
                  tau: float = 0.5, train_mode: str = "hard", question_pool: str = "attention", run_dir=None,
                  seed: int = 0, device: str = "auto", progress: bool = False):
-    "A TokenScorer trained on encoded VQA `train` with `model` frozen (best epoch on `val`), and the FitResult."
+    "A TokenScorer trained on encoded VQA `train`, `model` frozen, best epoch on validation split `val`; FitResult."
     torch.manual_seed(seed)
     scorer = TokenScorer.for_model(model, hidden, question_pool).to(next(model.parameters()).device)
     wrapper = ScorerTraining(model, scorer, keep_ratio, budget_weight, tau, train_mode)

@@ -22,7 +22,7 @@ from .report import structure_report
 __all__ = ['STRATEGIES', 'TRAIN_MODES', 'choose_strategy', 'tower_window', 'feature_extractor_of', 'tower_features',
            'masked_mean', 'tower_lengths', 'encode_tower', 'audio_token_id', 'SpeechEncoder', 'checkpoint_weight_map',
            'checkpoint_prefix', 'read_shards', 'load_audio_tower', 'check_lora', 'add_lora', 'KeywordOutput',
-           'KeywordClassifier', 'freeze_for_mode', 'featurize_clips', 'collate']
+           'KeywordClassifier', 'freeze_for_mode', 'featurize_clips', 'collate', 'keyword_hits']
 
 # %% ../nbs/11_speech.ipynb #7eed46b8
 STRATEGIES = ("audio_tower", "full_forward")
@@ -200,11 +200,11 @@ def read_shards(folder: Path, weight_map: dict, names: list[str], prefix: str = 
     return sd
 
 # %% ../nbs/11_speech.ipynb #5b000030
-def load_audio_tower(name_or_path: str | Path, device: str = "auto", dtype: str = "auto") -> nn.Module:
+def load_audio_tower(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", seed: int = 0) -> nn.Module:
     "The model with only its audio tower's weights loaded (from the checkpoint's shards), the rest on meta."
     name = str(name_or_path)
     if name in PRESETS and not PRESETS[name].reference:
-        return load_model(name, device=device, dtype=dtype)  # no checkpoint: built whole
+        return load_model(name, device=device, dtype=dtype, seed=seed)  # no checkpoint: built whole, from `seed`
     dev = resolve_device(device)
     model = build_model(load_config(name), meta=True)
     tower, folder = get_role(model, "audio_encoder"), _local_checkpoint(name)
@@ -300,3 +300,16 @@ def collate(items: list[dict]) -> dict[str, torch.Tensor]:
             vs = [torch.cat([v.new_zeros(n - v.shape[-1]), v]) for v in vs]
         out[k] = torch.stack(vs)
     return out
+
+# %% ../nbs/11_speech.ipynb #5b000053
+def keyword_hits(clf: KeywordClassifier, dl) -> torch.Tensor:
+    "Whether `clf`'s top keyword is right, per clip of `dl` (bool, in the loader's order)."
+    device = next(clf.head.parameters()).device
+    clf.eval()
+    hits = []
+    with torch.no_grad():
+        for b in dl:
+            b = {k: v.to(device) for k, v in b.items()}
+            labels = b.pop("labels")
+            hits.append((clf(**b).logits.argmax(-1) == labels).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)

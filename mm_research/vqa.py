@@ -15,10 +15,10 @@ __all__ = ['encode_vqa', 'vqa_slice', 'vqa_training_batch', 'vqa_loader', 'vqa_p
 
 # %% ../nbs/22_vqa.ipynb #4ccdee1b
 import torch
-from .core import accuracy
+from .core import accuracy, resolve_device
 from .llava import mode_generate, position_ids_from_mask
 from .cache import cached_training
-from .train import fit, load_trainable
+from .train import fit, load_trainable, resolve_mixed_precision
 from .vqa_data import VQA_ANSWERS
 from .zoo import PRESETS, build_model, load_config, load_model, override_config, param_count
 
@@ -142,32 +142,41 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 # %% ../nbs/22_vqa.ipynb #d774204f
-def _vqa_fit(model, train: dict, test: dict, eos: int, folder: Path, epochs: int, lr: float, batch_size: int,
-             seed: int, device: str, progress: bool) -> dict:
-    "Train `model` whole on `train`, save its best epoch into `folder`; the training record."
+def _vqa_fit(model, train: dict, val: dict, eos: int, folder: Path, epochs: int, lr: float, batch_size: int,
+             seed: int, device: str, precision: str, progress: bool) -> dict:
+    "Train `model` whole on `train`, save its best epoch on `val` into `folder`; the training record."
     with tempfile.TemporaryDirectory() as run_dir:
         res = fit(model.requires_grad_(True), vqa_loader(train, eos, batch_size, True, seed),
-                  vqa_loader(test, eos, 256, False), eval_fn=answer_accuracy, epochs=epochs, lr=lr,
+                  vqa_loader(val, eos, 256, False), eval_fn=answer_accuracy, epochs=epochs, lr=lr,
                   scheduler="cosine", warmup_steps=20, best_metric="eval_acc", best_mode="max", run_dir=run_dir,
-                  seed=seed, cpu=device == "cpu", progress=progress)
+                  seed=seed, cpu=device == "cpu", mixed_precision=precision, progress=progress)
         load_trainable(model, res.best_checkpoint)
     model.eval().save_pretrained(folder)
-    return dict(trained=True, epochs=epochs, trainable_params=res.trainable_params, parameters=param_count(model),
-                best=res.best, history=res.history, step_time_s=res.step_time_s,
+    return dict(trained=True, epochs=epochs, selected_on="val", trainable_params=res.trainable_params,
+                parameters=param_count(model), best=res.best, history=res.history, step_time_s=res.step_time_s,
                 train_time_s=sum(h.get("train_time_s", 0) for h in res.history))
 
 # %% ../nbs/22_vqa.ipynb #36b9cef7
-def train_vqa_base(model_name: str, train: dict, test: dict, processor, *, config_overrides: dict | None = None,
+def _numerics_of(device: str) -> dict:
+    "The resolved device (with the GPU's name), the weights' dtype and the training's mixed precision."
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    return dict(device=dev.type, device_name=torch.cuda.get_device_name(dev) if cuda else "cpu", dtype="float32",
+                mixed_precision=resolve_mixed_precision("auto") if cuda else "no")
+
+def train_vqa_base(model_name: str, train: dict, val: dict, processor, *, config_overrides: dict | None = None,
                    epochs: int = 3, lr: float = 2e-3, batch_size: int = 64, seed: int = 0, device: str = "auto",
                    cache_dir: str | Path | None = None, progress: bool = False):
-    "`model_name` trained whole on encoded VQA `train` (or from the cache), and its record; epochs 0: untrained."
+    "`model_name` trained whole on encoded VQA `train`, best epoch on `val` (or from the cache); epochs 0: untrained."
     model = base_model(model_name, config_overrides, seed)
     if epochs == 0: return model.eval(), dict(trained=False, epochs=0, trainable_params=0,
                                               parameters=param_count(model), cached=False)
     fingerprint = lambda d: tensor_fingerprint(d["pixel_values"], d["input_ids"], d["answer_ids"])
-    spec = dict(model=model_name, config=model.config.to_dict(), data=fingerprint(train), eval_data=fingerprint(test),
-                epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, version=2)
-    eos = processor.tokenizer.eos_token_id
-    fit_into = lambda folder: _vqa_fit(model, train, test, eos, folder, epochs, lr, batch_size, seed, device, progress)
+    numerics = _numerics_of(device)
+    spec = dict(model=model_name, config=model.config.to_dict(), data=fingerprint(train), val_data=fingerprint(val),
+                epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, **numerics, version=3)
+    eos, dev = processor.tokenizer.eos_token_id, numerics["device"]
+    fit_into = lambda folder: _vqa_fit(model, train, val, eos, folder, epochs, lr, batch_size, seed, dev,
+                                       numerics["mixed_precision"], progress)
     folder, record = cached_training("llava_vqa_base", spec, fit_into, cache_dir)
     return load_model(folder, device=device, dtype="fp32").eval(), record

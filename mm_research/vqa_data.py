@@ -4,16 +4,18 @@
 
 # %% ../nbs/20_vqa_data.ipynb #10e2f013
 from __future__ import annotations
-import csv, json
+import csv, hashlib, json
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
+from .core import cache_root
 from .speech_data import _listing
 
 # %% auto #0
 __all__ = ['ARTQUEST_COLUMNS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'SHAPE_CELLS', 'COUNT_WORDS', 'VQA_TYPES', 'VQA_ANSWERS',
-           'dataset_ready', 'read_artquest', 'random_scene', 'render_scene', 'scene_questions', 'make_shape_vqa',
-           'load_vqa']
+           'SHAPE_PAIRS', 'HELD_OUT_PAIRS', 'SHAPE_VQA_VERSION', 'dataset_ready', 'read_artquest', 'random_scene',
+           'render_scene', 'image_hash', 'scene_questions', 'make_shape_vqa', 'shape_vqa_root', 'load_vqa',
+           'split_overlap']
 
 # %% ../nbs/20_vqa_data.ipynb #d1edda6a
 def dataset_ready(root: Path, manifest: str, settings: dict, what: str) -> bool:
@@ -63,12 +65,13 @@ VQA_ANSWERS = {"color": tuple(SHAPE_COLORS), "shape": SHAPE_KINDS, "count": COUN
                "position": ("left", "right", "top", "bottom")}
 
 # %% ../nbs/20_vqa_data.ipynb #78bd4b3a
-def random_scene(rng: np.random.Generator) -> list[tuple[int, int, str, str]]:
-    "One to four objects `(row, col, colour, kind)` in distinct cells of a 2x2 grid."
+SHAPE_PAIRS = tuple((c, k) for c in SHAPE_COLORS for k in SHAPE_KINDS)
+
+def random_scene(rng: np.random.Generator, pairs=SHAPE_PAIRS) -> list[tuple[int, int, str, str]]:
+    "One to four objects `(row, col, colour, kind)` in distinct cells of a 2x2 grid, `(colour, kind)` from `pairs`."
     n = int(rng.integers(1, 5))
     cells = [list(SHAPE_CELLS)[i] for i in rng.permutation(4)[:n]]
-    colors, kinds = list(SHAPE_COLORS), list(SHAPE_KINDS)
-    return [(r, c, colors[rng.integers(len(colors))], kinds[rng.integers(len(kinds))]) for r, c in sorted(cells)]
+    return [(r, c, *pairs[rng.integers(len(pairs))]) for r, c in sorted(cells)]
 
 # %% ../nbs/20_vqa_data.ipynb #7a0006
 def render_scene(scene, size: int = 64, background=(25, 25, 25)) -> Image.Image:
@@ -84,6 +87,12 @@ def render_scene(scene, size: int = 64, background=(25, 25, 25)) -> Image.Image:
         elif kind == "triangle": d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
         else: raise ValueError(f"Unknown shape kind {kind!r}: use one of {SHAPE_KINDS}")
     return img.resize((size, size), Image.Resampling.BOX)
+
+# %% ../nbs/20_vqa_data.ipynb #5705e9bf
+def image_hash(img: Image.Image) -> str:
+    "A sha256 of an image's size and RGB pixels: equal for the same picture, whatever file it came from."
+    img = img.convert("RGB")
+    return hashlib.sha256(repr(img.size).encode() + img.tobytes()).hexdigest()
 
 # %% ../nbs/20_vqa_data.ipynb #f12c5d6d
 def scene_questions(scene) -> dict[str, list[tuple[str, str]]]:
@@ -102,32 +111,76 @@ def scene_questions(scene) -> dict[str, list[tuple[str, str]]]:
     return qs
 
 # %% ../nbs/20_vqa_data.ipynb #cd283463
-def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, size: int) -> None:
+HELD_OUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+SHAPE_VQA_VERSION = 2
+
+def _draw(rng, qtype: str, pairs, size: int, seen: set, unique: bool, split: str):
+    "A scene with a question of `qtype`, its image and hash; with `unique`, one whose hash is not in `seen`."
+    for _ in range(100_000):
+        qs = scene_questions(scene := random_scene(rng, pairs))[qtype]
+        if not qs: continue
+        h = image_hash(img := render_scene(scene, size))
+        if not unique or h not in seen: return scene, qs, img, h
+    raise ValueError(f"Could not draw another {split} scene unseen in earlier splits: ask for fewer questions.")
+
+# %% ../nbs/20_vqa_data.ipynb #7a00c1
+def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, size: int, pairs, held: set,
+                 seen: set, unique: bool) -> None:
     rows = []
     for i in range(n):
         qtype = VQA_TYPES[i % len(VQA_TYPES)]
-        while not (qs := scene_questions(scene := random_scene(rng)))[qtype]: pass
-        question, answer = qs[qtype][rng.integers(len(qs[qtype]))]
+        scene, qs, img, h = _draw(rng, qtype, pairs, size, seen, unique, split)
+        seen.add(h)
+        question, answer = qs[rng.integers(len(qs))]
         name = f"{split}_{i:05d}.png"
-        render_scene(scene, size).save(root/"images"/name)
-        rows.append(dict(image=name, question=question, answer=answer, type=qtype))
+        img.save(root/"images"/name)
+        novel = any((c, k) in held for *_, c, k in scene)
+        rows.append(dict(image=name, question=question, answer=answer, type=qtype, held_out="yes" if novel else "no"))
     with open(root/f"{split}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*ARTQUEST_COLUMNS, "type"])
+        w = csv.DictWriter(f, fieldnames=[*ARTQUEST_COLUMNS, "type", "held_out"])
         w.writeheader()
         w.writerows(rows)
 
 # %% ../nbs/20_vqa_data.ipynb #7a0007
-def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 64) -> Path:
-    "`root`, holding the shape-VQA set (train.csv, test.csv, images/): written now, or reused."
-    root, spec = Path(root), dict(n_train=n_train, n_test=n_test, seed=seed, size=size, version=1)
+def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 64, *,
+                   n_val: int | None = None, held_out=HELD_OUT_PAIRS) -> Path:
+    "`root`, holding the shape-VQA set (train/val/test.csv, images/; val, test unseen in training): written or reused."
+    n_val, held = n_test if n_val is None else n_val, {tuple(p) for p in held_out}
+    train_pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
+    if not held <= set(SHAPE_PAIRS) or {c for c, _ in train_pairs} != set(SHAPE_COLORS) \
+            or {k for _, k in train_pairs} != set(SHAPE_KINDS):
+        raise ValueError(f"held_out {sorted(held)} must be (colour, shape) pairs that leave every colour and every "
+                         "shape in training.")
+    root = Path(root)
+    spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
+                held_out=[list(p) for p in sorted(held)], version=SHAPE_VQA_VERSION)
     if dataset_ready(root, "shape_vqa.json", spec, "a shape-VQA set"): return root
     (root/"images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)): _write_split(root, split, n, rng, size)
+    rng, seen = np.random.default_rng(seed), set()
+    for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
+                                    ("test", n_test, SHAPE_PAIRS, True)):
+        _write_split(root, split, n, rng, size, pairs, held, seen, unique)
     (root/"shape_vqa.json").write_text(json.dumps(spec))  # written last: an interrupted folder has none and is rebuilt
     return root
 
+# %% ../nbs/20_vqa_data.ipynb #7a00c2
+def shape_vqa_root(n_train: int, n_test: int, seed: int, size: int = 64, *, n_val: int | None = None) -> Path:
+    "The cache folder for the shape-VQA set for these settings, named by `SHAPE_VQA_VERSION` (old sets not reused)."
+    n_val = n_test if n_val is None else n_val
+    return cache_root()/"data"/f"shape_vqa_v{SHAPE_VQA_VERSION}_{n_train}_{n_val}_{n_test}_{seed}_{size}"
+
 # %% ../nbs/20_vqa_data.ipynb #ea9f69d7
 def load_vqa(root: str | Path, split: str = "train") -> list[dict]:
-    "The checked rows of `root/{split}.csv` in the VQA (ArtQuest) layout, `image` as a full path."
+    "The checked rows of `root/{split}.csv` (train, val or test) in the VQA (ArtQuest) layout, `image` a full path."
     return [{**r, "image": str(Path(root)/"images"/r["image"])} for r in read_artquest(root, split)]
+
+# %% ../nbs/20_vqa_data.ipynb #7a00c5
+def split_overlap(root: str | Path, split: str = "test", against: str = "train") -> dict:
+    "How many rows of `split` have an image (by pixel hash) or an (image, question) that occurs in `against`."
+    hashes = {}
+    key = lambda path: hashes.setdefault(path, image_hash(Image.open(path)))
+    seen = {(key(r["image"]), r["question"]) for r in load_vqa(root, against)}
+    seen_images = {h for h, _ in seen}
+    rows = load_vqa(root, split)
+    return dict(images=sum(key(r["image"]) in seen_images for r in rows),
+                pairs=sum((key(r["image"]), r["question"]) in seen for r in rows), n=len(rows))

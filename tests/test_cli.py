@@ -157,7 +157,9 @@ def test_bad_parameter_files_are_one_line_errors(nbs, runs, tmp_path, text, mess
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_cuda_without_cuda_is_refused_before_a_kernel_starts(nbs, runs):
-    out = mmr("run", "50_ok", "--device", "cuda")
+    _notebook(nbs / "80_device.ipynb", "raise SystemExit('the kernel must not start')",
+              params='device = "auto"\nrun_dir = None')
+    out = mmr("run", "80_device", "--device", "cuda")
     assert out.returncode == 2 and "CUDA is not available" in out.stderr
     assert not runs.exists()
 
@@ -175,7 +177,9 @@ def test_reproduce_publishes_summary_and_figures_to_the_results_folder(nbs, runs
     assert summary["notebooks"]["70_fig"]["summary"] == {"acc": 0.5}
     assert summary["notebooks"]["70_fig"]["figures"] == ["70_fig/curve.png"]
     assert (results / "70_fig" / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert summary["environment"]["torch"] and summary["notebooks"]["50_ok"]["params"]["x"] == 1
+    assert summary["notebooks"]["50_ok"]["params"] == {"x": 1}  # every parameter, not the run folder
+    record = json.loads((results / "reproduction.json").read_text())
+    assert record["environment"]["torch"] and set(record["seconds"]) == {"70_fig", "50_ok"}
     assert oct((results / "summary.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 

@@ -1,12 +1,13 @@
 "Spoken-command data: synthesis through espeakng-loader, caching, determinism, and the real-data loader's errors."
-import csv, os
+import csv, hashlib, os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dataclasses import asdict
+from itertools import combinations
 from pathlib import Path
 import numpy as np, pytest
 from scipy.io import wavfile
 from mm_research.speech_data import (SpokenCommandsConfig, spoken_commands, load_audio_folder, read_wav, check_voice,
-                                     COMMAND_WORDS, SAMPLE_RATE)
+                                     COMMAND_WORDS, SAMPLE_RATE, VOICE_SPLITS)
 from mm_research.zoo import VOCAB_WORDS
 
 SMALL = SpokenCommandsConfig(words=("stop", "go", "left"),
@@ -27,6 +28,25 @@ def test_words_voices_and_split(tmp_path):
     assert [sc["train"].labels[t] for t in sc["train"].targets[:3]] == ["stop", "stop", "go"]
     for a in sc["train"].audio:
         assert a.dtype == np.float32 and a.ndim == 1 and 0.15 * SAMPLE_RATE < len(a) < 2 * SAMPLE_RATE
+
+
+def test_default_splits_have_disjoint_voices():
+    "Training, validation (selection) and test voices: three splits, no voice in two of them."
+    assert set(VOICE_SPLITS) == {"train", "val", "test"} and all(VOICE_SPLITS.values())
+    for a, b in combinations(VOICE_SPLITS, 2): assert not set(VOICE_SPLITS[a]) & set(VOICE_SPLITS[b]), (a, b)
+
+
+def test_seed_redraws_noise_of_the_same_clips(tmp_path):
+    "A seed gives every clip its own noise, gain and onset; the words, voices and splits stay; no test clip elsewhere."
+    voices = {"train": ("en+m1",), "val": ("en-us+f1",), "test": ("en-gb-x-rp+f2",)}
+    a = spoken_commands(small(voices=voices), cache=tmp_path)
+    b = spoken_commands(small(voices=voices, seed=1), cache=tmp_path)
+    assert set(a) == set(b) == {"train", "val", "test"}
+    for s in a:
+        assert a[s].meta == b[s].meta and a[s].targets == b[s].targets
+        assert all(not np.array_equal(x, y) for x, y in zip(a[s].audio, b[s].audio))
+    digests = {s: {hashlib.sha256(x.tobytes()).hexdigest() for x in c.audio} for s, c in a.items()}
+    assert not digests["test"] & (digests["train"] | digests["val"])
 
 
 def test_cached_and_deterministic(tmp_path):

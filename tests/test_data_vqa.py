@@ -1,30 +1,71 @@
-"Shape VQA: the on-disk layout, its loader's errors, determinism, vocabulary, and encoding for the tiny LLaVA."
+"Shape VQA: the on-disk layout, no leakage between splits, its loader's errors, determinism, vocabulary, encoding."
 import csv
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mm_research.vqa_data import (SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa, render_scene,
-                                  scene_questions)
+from mm_research.vqa_data import (HELD_OUT_PAIRS, SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa,
+                                  render_scene, scene_questions, split_overlap)
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
 
 @pytest.fixture(scope="module")
 def vqa_root(tmp_path_factory):
-    return make_shape_vqa(tmp_path_factory.mktemp("vqa"), n_train=120, n_test=40, seed=3)
+    return make_shape_vqa(tmp_path_factory.mktemp("vqa"), n_train=120, n_test=40, seed=3, n_val=24)
 
 
 def test_layout_and_splits(vqa_root):
-    for split, n in (("train", 120), ("test", 40)):
+    for split, n in (("train", 120), ("val", 24), ("test", 40)):
         with open(vqa_root/f"{split}.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == n and set(rows[0]) >= {"image", "question", "answer"}
         assert all((vqa_root/"images"/r["image"]).is_file() for r in rows)
-    train, test = ({r["image"] for r in load_vqa(vqa_root, s)} for s in ("train", "test"))
-    assert train.isdisjoint(test)
+    train, val, test = ({r["image"] for r in load_vqa(vqa_root, s)} for s in ("train", "val", "test"))
+    assert train.isdisjoint(test) and train.isdisjoint(val) and val.isdisjoint(test)
+
+
+def _pixels_sha(path):
+    "sha256 of the decoded RGB pixels: hashed here independently of the library's image_hash."
+    return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_test_or_val_picture_occurs_in_training(tmp_path, seed):
+    root = make_shape_vqa(tmp_path, n_train=2000, n_test=200, seed=seed)
+    rows = {s: load_vqa(root, s) for s in ("train", "val", "test")}
+    pics = {s: [_pixels_sha(r["image"]) for r in rows[s]] for s in rows}
+    train_pics, train_pairs = set(pics["train"]), set(zip(pics["train"], (r["question"] for r in rows["train"])))
+    for s in ("val", "test"):
+        assert not train_pics & set(pics[s])                                       # no val/test image in training
+        assert len(set(pics[s])) == len(pics[s])                                   # no picture twice in val/test
+        assert not train_pairs & set(zip(pics[s], (r["question"] for r in rows[s])))
+    assert not set(pics["val"]) & set(pics["test"])
+    assert split_overlap(root, "test", "train") == dict(images=0, pairs=0, n=200)
+    assert split_overlap(root, "val", "train") == dict(images=0, pairs=0, n=200)
+
+
+def test_held_out_pairs_only_in_val_and_test(vqa_root):
+    held = {f"{c} {k}" for c, k in HELD_OUT_PAIRS}
+    rows = {s: load_vqa(vqa_root, s) for s in ("train", "val", "test")}
+    assert {r["held_out"] for r in rows["train"]} == {"no"}
+    assert not any(h in r["question"] for r in rows["train"] for h in held)      # never named in training
+    assert {r["held_out"] for r in rows["test"]} == {"yes", "no"}
+    train_words = {w for r in rows["train"] for w in r["question"].split() + [r["answer"]]}
+    assert {c for c, _ in HELD_OUT_PAIRS} | {k for _, k in HELD_OUT_PAIRS} <= train_words  # each part seen apart
+
+
+def test_overlap_is_counted_when_there_is_some(vqa_root, tmp_path):
+    import shutil
+    root = tmp_path/"copy"
+    shutil.copytree(vqa_root, root)
+    (root/"leaky.csv").write_text((root/"train.csv").read_text())
+    assert split_overlap(root, "leaky", "train") == dict(images=120, pairs=120, n=120)
 
 
 def test_balanced_types_and_valid_answers(vqa_root):
@@ -36,7 +77,7 @@ def test_balanced_types_and_valid_answers(vqa_root):
 
 
 def test_every_word_is_in_the_vocabulary(vqa_root):
-    rows = load_vqa(vqa_root, "train") + load_vqa(vqa_root, "test")
+    rows = load_vqa(vqa_root, "train") + load_vqa(vqa_root, "val") + load_vqa(vqa_root, "test")
     words = {w for r in rows for w in (r["question"] + " " + r["answer"]).split()}
     assert words - set(VOCAB_WORDS) - set(PUNCT) == set()
     assert {a for ans in VQA_ANSWERS.values() for a in ans} <= set(VOCAB_WORDS)
@@ -72,6 +113,14 @@ def test_reuse_and_conflicting_settings(tmp_path):
     assert (root/"train.csv").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="use another folder"):
         make_shape_vqa(tmp_path, n_train=21, n_test=8, seed=0)
+    with pytest.raises(ValueError, match="use another folder"):
+        make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0, n_val=4)
+
+
+def test_an_old_version_folder_is_not_reused(tmp_path):
+    (tmp_path/"shape_vqa.json").write_text('{"n_train": 20, "n_test": 8, "seed": 0, "size": 64, "version": 1}')
+    with pytest.raises(ValueError, match="use another folder"):
+        make_shape_vqa(tmp_path, n_train=20, n_test=8, seed=0)
 
 
 def test_loader_errors_list_offenders(tmp_path):
@@ -81,6 +130,7 @@ def test_loader_errors_list_offenders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"3 image file\(s\) missing") as e:
         load_vqa(root, "train")
     assert "train_00002.png" in str(e.value) and "train_00005.png" in str(e.value)
+    (root/"val.csv").unlink()
     with pytest.raises(FileNotFoundError, match="val.csv not found"):
         load_vqa(root, "val")
     (root/"odd.csv").write_text("picture,question\nx.png,what ?\n")

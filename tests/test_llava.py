@@ -153,24 +153,30 @@ def test_two_tower_calls_are_bitwise_identical_in_eval():
     assert not torch.equal(a[-1], a[-2])        # last_hidden_state is not the feature layer
 
 
-def test_trained_base_is_cached_by_hash(tmp_path):
+def test_trained_base_is_cached_by_hash_and_selected_on_val(tmp_path):
     from mm_research.vqa import encode_vqa, train_vqa_base
     from mm_research.vqa_data import load_vqa, make_shape_vqa
     from mm_research.zoo import load_processor
     root = make_shape_vqa(tmp_path/"vqa", n_train=64, n_test=16, seed=0)
     proc = load_processor("tiny-llava")
-    tr, te = encode_vqa(load_vqa(root, "train"), proc), encode_vqa(load_vqa(root, "test"), proc)
+    tr, va, te = (encode_vqa(load_vqa(root, s), proc) for s in ("train", "val", "test"))
     kw = dict(epochs=1, batch_size=32, device="cpu", cache_dir=tmp_path/"cache",
               config_overrides={"text_config.initializer_range": 0.1})
-    m1, r1 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
-    m2, r2 = train_vqa_base("tiny-llava", tr, te, proc, **kw)
+    m1, r1 = train_vqa_base("tiny-llava", tr, va, proc, **kw)
+    m2, r2 = train_vqa_base("tiny-llava", tr, va, proc, **kw)
     assert r1["cached"] is False and r2["cached"] is True and r1["key"] == r2["key"]
     assert (tmp_path/"cache"/"llava_vqa_base"/r1["key"]/"model.safetensors").is_file()
+    assert r1["selected_on"] == "val"
+    assert {k: r1["spec"][k] for k in ("device", "dtype", "mixed_precision", "seed")} == dict(
+        device="cpu", dtype="float32", mixed_precision="no", seed=0)
     b = {k: v[:4] for k, v in te.items() if torch.is_tensor(v)}
     assert torch.equal(mode_logits(m1.cpu(), b), mode_logits(m2, b))
     untrained = build_model(load_config("tiny-llava"))
     assert not torch.equal(mode_logits(untrained, b), mode_logits(m2, b))
-    _, r3 = train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, epochs=0))
+    # the selection split is part of the key: selecting on test instead would be another (cached) base
+    assert train_vqa_base("tiny-llava", tr, te, proc, **kw)[1]["key"] != r1["key"]
+    assert train_vqa_base("tiny-llava", tr, va, proc, **dict(kw, seed=1))[1]["key"] != r1["key"]
+    _, r3 = train_vqa_base("tiny-llava", tr, va, proc, **dict(kw, epochs=0))
     assert r3["trained"] is False and r3["trainable_params"] == 0 and r3["parameters"] == r1["parameters"]
     with pytest.raises(ValueError, match="has no 'hidden_sizes'"):
-        train_vqa_base("tiny-llava", tr, te, proc, **dict(kw, config_overrides={"text_config.hidden_sizes": 3}))
+        train_vqa_base("tiny-llava", tr, va, proc, **dict(kw, config_overrides={"text_config.hidden_sizes": 3}))

@@ -9,11 +9,13 @@ import torch
 from mm_research.inspect import get_role
 from mm_research.llava import mode_logits, position_ids_from_mask
 from mm_research.prune_cost import counted_flops, lm_prefill_flops
-from mm_research.prune_eval import sweep_accuracy, sweep_hits
+from mm_research.prune_eval import (compare_pruners, format_accuracy, hit_rates, pruning_accuracy_figure, seed_rates,
+                                    sweep_accuracy, sweep_hits)
 from mm_research.pruners import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, image_token_mask, keep_count,
                                  parse_setting, pool_selection, pruned_logits, select_tokens, topk_selection,
                                  use_eager_vision, vision_pass)
 from mm_research.scorer import ScorerTraining, TokenScorer, train_scorer
+from mm_research.stats import mcnemar, paired_bootstrap
 from mm_research.zoo import build_model, load_config, tiny_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there ?",
@@ -183,3 +185,55 @@ def test_hard_training_loss_is_hard_pruning_loss(model_batch):
     assert abs(loss.item() - torch.nn.functional.cross_entropy(lg[:, -1], ans).item()) < 1e-4
     with pytest.raises(ValueError, match="Unknown train_mode"):
         ScorerTraining(m, TokenScorer.for_model(m), train_mode="x")
+
+
+def fake_hits(seed_hits: dict) -> dict:
+    "Sweep-shaped hits: 'baseline' and ('hard/original', pruner, 0.5), exact and likelihood the same."
+    t = lambda h: (torch.tensor(h, dtype=torch.bool),) * 2
+    return {"baseline": t(seed_hits["baseline"]), **{("hard/original", p, 0.5): t(h) for p, h in seed_hits.items()
+                                               if p != "baseline"}}
+
+
+def test_compare_pruners_is_paired_over_seeds_and_items():
+    rng = np.random.default_rng(0)
+    seeds = []
+    for _ in range(3):
+        cls = rng.random(200) < 0.6
+        learned = cls | (rng.random(200) < 0.3)                      # right wherever cls is, and more
+        seeds.append(fake_hits({"baseline": cls.tolist(), "learned": learned.tolist(), "cls": cls.tolist(),
+                                "random": learned.tolist()}))
+    rows = {r["other"]: r for r in compare_pruners(seeds, "hard/original", "learned", ("cls", "random"), n_boot=500)}
+    assert rows["cls"]["verdict"] == "beats" and rows["cls"]["lo"] > 0 and rows["cls"]["seeds"] == 3
+    assert rows["random"]["verdict"] == "no difference measured" and rows["random"]["diff"] == 0
+    a = torch.cat([s["hard/original", "learned", 0.5][0] for s in seeds])
+    b = torch.cat([s["hard/original", "cls", 0.5][0] for s in seeds])
+    groups = np.repeat([0, 1, 2], 200)
+    expected = paired_bootstrap(a, b, groups, n_boot=500)
+    assert {k: rows["cls"][k] for k in expected} == expected
+    assert rows["cls"]["mcnemar_p"] == mcnemar(a, b)["p"] and rows["cls"]["n"] == 600
+
+
+def test_seed_rates_tables_and_figure():
+    accs = [hit_rates(fake_hits({"baseline": [1, 1, 0, 0], "learned": h, "cls": [1, 0, 0, 0]}))
+            for h in ([1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0])]
+    acc = seed_rates(accs)
+    learned = acc["hard/original"]["learned"]["0.5"]["exact"]
+    assert learned["n"] == 3 and abs(learned["mean"] - 0.5) < 1e-12 and learned["lo"] < 0.5 < learned["hi"]
+    assert acc["baseline"]["n"] == 12 and acc["baseline"]["exact"]["mean"] == 0.5
+    assert "0.500 [" in format_accuracy(acc, "hard/original", 16)
+    fig = pruning_accuracy_figure(acc, "hard/original", 16)
+    assert len(fig.axes[0].containers) == 2 and all(c.has_yerr for c in fig.axes[0].containers)
+
+
+def test_scorer_best_epoch_is_chosen_on_validation(tmp_path, model_batch):
+    m, proc, b = model_batch
+    ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
+    data = {**{k: torch.cat([b[k]] * 4) for k in ("pixel_values", "input_ids", "attention_mask")},
+            "answer_ids": ans.repeat(4)}
+    val = {k: v[:6] for k, v in data.items()}
+    runs = [train_scorer(m, data, val, epochs=2, batch_size=4, run_dir=tmp_path/str(i), device="cpu", seed=3)
+            for i in range(2)]
+    (scorer, res), (again, _) = runs
+    accs = [h["eval_acc"] for h in res.history]
+    assert res.best["eval_acc"] == max(accs) and len(accs) == 2
+    assert all(torch.equal(x, y) for x, y in zip(scorer.state_dict().values(), again.state_dict().values()))

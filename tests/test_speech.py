@@ -119,15 +119,38 @@ def test_lora_scoped_counted_and_all_get_gradients(tiny):
 
 
 def test_mmr_run_with_local_checkpoint(tiny, tmp_path, runs):
-    "`mmr run 10_speech -p model <dir>`: the notebook runs on a saved checkpoint, loading the tower from its shards."
+    """`mmr run 10_speech -p model <dir>` over two seeds and a learning-rate grid: the notebook runs on a saved
+    checkpoint, loading the tower from its shards; learning rates are chosen on validation; the summary has
+    intervals."""
     from mm_research.runner import run_notebook
     model, proc = tiny
     ckpt = _shard(model, proc, tmp_path / "tiny-qwen2-audio-ckpt")
-    out = run_notebook("10_speech", params={"model": str(ckpt), "epochs": 1, "max_train": 100, "modes": "frozen,lora",
-                                            "device": "cpu"}, run_dir=tmp_path / "run", progress=False)
+    params = {"model": str(ckpt), "epochs": 1, "max_train": 100, "modes": "frozen,lora", "device": "cpu",
+              "seeds": [0, 1], "lrs": [3e-3, 1e-2]}
+    out = run_notebook("10_speech", params=params, run_dir=tmp_path / "run", progress=False)
     m = json.loads((out / "metrics.json").read_text())
     assert m["strategy"] == "audio_tower" and set(m["results"]) == {"frozen", "lora"}
-    assert m["results"]["lora"]["lora_params"] == m["results"]["lora"]["expected_lora_params"]
-    assert all(0 <= r["test_acc"] <= 1 for r in m["results"].values())
+    trials = m["trials"]
+    assert len(trials) == 2 * 2 * 2
+    for seed in (0, 1):
+        for mode in ("frozen", "lora"):
+            group = [t for t in trials if t["seed"] == seed and t["mode"] == mode]
+            assert sorted(t["lr"] for t in group) == [3e-3, 1e-2]
+            chosen = [t for t in group if t["chosen"]]
+            assert len(chosen) == 1 and chosen[0]["val_acc"] == max(t["val_acc"] for t in group)  # chosen on validation
+            assert "test_acc" not in chosen[0]
+            hits = m["test_hits"][mode][seed]
+            assert len(hits) == m["data"]["test"]
+            assert m["results"][mode]["test_acc_per_seed"][seed] == pytest.approx(np.mean(hits))
+            assert m["results"][mode]["lr_per_seed"][seed] == chosen[0]["lr"]
+    lora = [t for t in trials if t["mode"] == "lora"][0]
+    assert lora["lora_params"] == lora["expected_lora_params"]
+    acc = m["summary"]["lora test accuracy"]
+    assert acc["n"] == 2 and acc["lo"] <= acc["mean"] <= acc["hi"] and 0 <= acc["mean"] <= 1
+    cmp = m["comparisons"]["lora vs frozen"]
+    assert cmp["n"] == 2 * m["data"]["test"] and cmp["lo"] <= cmp["diff"] <= cmp["hi"]
+    assert {"a_only", "b_only", "p"} <= set(cmp["mcnemar"])
+    assert cmp["verdict"] in ("beats", "loses to", "no difference measured")
+    assert m["summary"]["lora - frozen test accuracy"]["mean"] == cmp["diff"]
     assert (out / "speech_modes.png").stat().st_size > 1000
     assert json.loads((out / "params.json").read_text())["model"] == str(ckpt)

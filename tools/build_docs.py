@@ -6,7 +6,7 @@ Not part of the research package. `make docs` runs `python tools/build_docs.py d
 nbdev's own doc processors and mkdocs-material + mkdocs-jupyter.
 """
 from __future__ import annotations
-import json, os, re, shutil, subprocess, sys, tempfile
+import contextlib, json, os, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 import nbformat
 from mm_research.core import atomic_write, project_root, runs_root
@@ -31,25 +31,39 @@ def runnable_copy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
                 (_RE_NOEVAL.search(c.source) or "nbdev_export()" in c.source))]
     return nb
 
-def execute_for_docs(src: str | Path, dst: str | Path, timeout: int = 900, scratch_runs: bool = True) -> Path:
-    "Execute notebook `src` with papermill (run folders in a scratch folder) and save the result at `dst`."
+@contextlib.contextmanager
+def docs_env(runs: Path | None):
+    "Run folders of executed notebooks under `runs` (None: the project's runs/), library warnings off the pages."
+    saved = {k: os.environ.get(k) for k in ("MMR_RUNS", "PYTHONWARNINGS")}
+    os.environ.update(MMR_RUNS=str(runs or runs_root()),
+                      PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning")
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+def _execute(src: Path, dst: Path, timeout: int = 900) -> Path:
     import papermill as pm
-    src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp)/src.name
         nbformat.write(runnable_copy(nbformat.read(src, as_version=4)), inp)
-        saved = {k: os.environ.get(k) for k in ("MMR_RUNS", "PYTHONWARNINGS")}
-        os.environ.update(MMR_RUNS=str(Path(tmp)/"runs") if scratch_runs else str(runs_root()),
-                          PYTHONWARNINGS="ignore::FutureWarning,ignore::DeprecationWarning")
-        try:
-            pm.execute_notebook(str(inp), str(dst), kernel_name="python3", cwd=str(src.parent), progress_bar=False,
-                                execution_timeout=timeout)
-        finally:
-            for k, v in saved.items():
-                if v is None: os.environ.pop(k, None)
-                else: os.environ[k] = v
+        pm.execute_notebook(str(inp), str(dst), kernel_name="python3", cwd=str(src.parent), progress_bar=False,
+                            execution_timeout=timeout)
     return dst
+
+def execute_for_docs(src: str | Path, dst: str | Path, timeout: int = 900, scratch_runs: bool = True) -> Path:
+    "Execute notebook `src` with papermill (run folders in a scratch folder) and save the result at `dst`."
+    with tempfile.TemporaryDirectory() as tmp, docs_env(Path(tmp)/"runs" if scratch_runs else None):
+        return _execute(Path(src), Path(dst), timeout)
+
+def execute_all(notebooks: list[Path], dst: Path, workers: int = 2) -> dict[Path, Path]:
+    "Execute `notebooks` into `dst`, `workers` kernels at a time (run folders in a scratch folder)."
+    from concurrent.futures import ThreadPoolExecutor
+    with tempfile.TemporaryDirectory() as tmp, docs_env(Path(tmp)/"runs"), ThreadPoolExecutor(workers) as pool:
+        done = {nb: pool.submit(_execute, nb, dst/nb.name) for nb in notebooks}
+        return {nb: f.result() for nb, f in done.items()}
 
 def _only_defs_and_imports(cell) -> bool:
     "True when `cell` is exported, or holds nothing but imports: what show_doc needs executed."
@@ -73,7 +87,7 @@ _RE_QUARTO_ATTRS = re.compile(r"(?<=\))\{target=[^}]*\}")
 def _local_links(text: str, prefix: str) -> str:
     return text.replace(prefix, "") if prefix else text
 
-def doc_page(executed: str | Path, dst: str | Path) -> tuple[str, str]:
+def doc_page(executed: str | Path, dst: str | Path, prefix: str = "") -> tuple[str, str]:
     "Process executed notebook `executed` into a docs notebook in folder `dst`; returns (title, file name)."
     from execnb.nbio import read_nb
     from nbdev.process import NBProcessor
@@ -123,6 +137,7 @@ def doc_page(executed: str | Path, dst: str | Path) -> tuple[str, str]:
             c.setdefault("execution_count", None)
             c.setdefault("outputs", [])
         c.pop("id", None)
+    name = prefix + name  # experiments get their own namespace: 20_llava's page is not the llava module's
     nbformat.write(out, Path(dst)/name)
     return title, name
 
@@ -139,7 +154,7 @@ def mkdocs_config(pages: list[tuple[str, str]], site_name: str = "mm_research") 
     return yaml.safe_dump(cfg, sort_keys=False)
 
 def build_site(out: str | Path | None = None, executed_dir: str | Path | None = None,
-               notebooks: list[Path] | None = None, progress: bool = True) -> Path:
+               notebooks: list[Path] | None = None, progress: bool = True, workers: int = 2) -> Path:
     "Build the docs site into `out` (default `<project>/site`); returns the path of its index.html."
     from tqdm.auto import tqdm
     root = project_root() or Path.cwd()
@@ -148,18 +163,19 @@ def build_site(out: str | Path | None = None, executed_dir: str | Path | None = 
     work = root/"_docs"
     shutil.rmtree(work, ignore_errors=True)
     (work/"pages").mkdir(parents=True)
-    pages = []
-    for nb in tqdm(notebooks or docs_notebooks(), desc="docs", disable=not progress):
-        reused = executed_dir/nb.stem/nb.name if executed_dir else None
-        if reused and reused.exists() and reused.stat().st_mtime >= nb.stat().st_mtime: executed = reused
-        else: executed = execute_for_docs(nb, work/"executed"/nb.name)
-        title, name = doc_page(executed, work/"pages")
-        section = "Experiments: " if nb.parent.name == "experiments" else ""
+    pages, notebooks = [], notebooks or docs_notebooks()
+    reused = {nb: executed_dir/nb.stem/nb.name for nb in notebooks if executed_dir}
+    reused = {nb: p for nb, p in reused.items() if p.exists() and p.stat().st_mtime >= nb.stat().st_mtime}
+    executed = {**execute_all([nb for nb in notebooks if nb not in reused], work/"executed", workers), **reused}
+    for nb in tqdm(notebooks, desc="docs", disable=not progress):
+        experiment = nb.parent.name == "experiments"
+        title, name = doc_page(executed[nb], work/"pages", prefix="experiment-" if experiment else "")
+        section = "Experiments: " if experiment else ""
         pages.append(("Home" if nb.stem == "index" else f"{section}{nb.stem[:2]} {title}", name))
     if (root/"results").is_dir(): shutil.copytree(root/"results", work/"pages"/"results")  # the home page's figures
     atomic_write(work/"mkdocs.yml", mkdocs_config(pages))
     subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "--clean", "-f", str(work/"mkdocs.yml"),
-                    "-d", str(out)], check=True, cwd=work)
+                    "-d", str(out)], check=True, cwd=work, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     return out/"index.html"
 
 def build_readme(out: str | Path | None = None) -> Path:
