@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_art_data.ipynb #10e2f013
 from __future__ import annotations
-import csv, json, math
+import csv, hashlib, json, math
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +12,8 @@ from PIL import Image
 from .vqa_data import dataset_ready, read_artquest
 
 # %% auto #0
-__all__ = ['ART_STYLES', 'ART_COLORS', 'ART_QUESTIONS', 'PAINTERS', 'paint_art', 'make_art_set', 'ArtQuestDataset']
+__all__ = ['ART_STYLES', 'ART_COLORS', 'ART_QUESTIONS', 'PAINTERS', 'paint_art', 'make_art_set', 'ArtQuestDataset', 'art_splits',
+           'art_fingerprint']
 
 # %% ../nbs/30_art_data.ipynb #ff5de979
 ART_STYLES = ["strokes", "dots", "geometric", "gradient", "stripes", "waves"]
@@ -105,24 +106,51 @@ def _write_art_split(root: Path, split: str, n: int, rng: np.random.Generator, s
 
 # %% ../nbs/30_art_data.ipynb #a70016
 def make_art_set(root: str | Path, n_train: int = 120, n_val: int = 60, size: int = 64, seed: int = 0,
-                 sizes: tuple[int, ...] | None = None) -> Path:
-    "`root`, holding a synthetic art VQA set in the ArtQuest layout (written once); `sizes`: image sizes to draw from."
+                 sizes: tuple[int, ...] | None = None, n_test: int = 60) -> Path:
+    "`root`, holding a synthetic art VQA set in the ArtQuest layout plus `test.csv` (written once)."
     root = Path(root)
-    settings = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "sizes": list(sizes) if sizes else None}
+    settings = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "size": size, "seed": seed,
+                "sizes": list(sizes) if sizes else None}
     if dataset_ready(root, "art_set.json", settings, "an art set"): return root
     (root/"images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)): _write_art_split(root, split, n, rng, size, sizes)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        _write_art_split(root, split, n, rng, size, sizes)
     (root/"art_set.json").write_text(json.dumps(settings))
     return root
 
 # %% ../nbs/30_art_data.ipynb #4be55e21
 class ArtQuestDataset(torch.utils.data.Dataset):
-    "A checked ArtQuest-layout split; item i is its row with `image` loaded as an RGB PIL image (any size)."
-    def __init__(self, root: str | Path, split: str = "train"):
-        self.root, self.split, self.rows = Path(root), split, read_artquest(root, split)
+    "A checked ArtQuest-layout split (or the given `rows` of one); item i is its row with `image` as an RGB PIL image."
+    def __init__(self, root: str | Path, split: str = "train", rows: list[dict] | None = None):
+        self.root, self.split = Path(root), split
+        self.rows = read_artquest(root, split) if rows is None else list(rows)
     def __len__(self): return len(self.rows)
     def __getitem__(self, i) -> dict:
         r = self.rows[i]
         with Image.open(self.root/"images"/r["image"]) as im:
             return {**r, "image": im.convert("RGB"), "image_file": r["image"]}
+
+# %% ../nbs/30_art_data.ipynb #a70041
+def art_splits(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> dict[str, ArtQuestDataset]:
+    "Train / val / test of an ArtQuest-layout folder; without test.csv: val.csv is test, val is held out of train."
+    root = Path(root)
+    if (root/"test.csv").exists(): return {s: ArtQuestDataset(root, s) for s in ("train", "val", "test")}
+    rows = read_artquest(root, "train")
+    images = list(dict.fromkeys(r["image"] for r in rows))
+    n_val = max(1, round(val_fraction * len(images)))
+    if not 0 < val_fraction < 1 or n_val >= len(images):
+        raise ValueError(f"val_fraction={val_fraction} leaves no training images of the {len(images)} in {root}.")
+    held = {images[i] for i in np.random.default_rng(seed).permutation(len(images))[:n_val]}
+    return {"train": ArtQuestDataset(root, "train", [r for r in rows if r["image"] not in held]),
+            "val": ArtQuestDataset(root, "train", [r for r in rows if r["image"] in held]),
+            "test": ArtQuestDataset(root, "val")}
+
+# %% ../nbs/30_art_data.ipynb #a70044
+def art_fingerprint(splits: dict[str, ArtQuestDataset]) -> str:
+    "A short hash of the splits' rows and image files, in split order."
+    h = hashlib.sha256()
+    for name, ds in splits.items():
+        h.update(json.dumps([name, ds.rows], sort_keys=True).encode())
+        for f in dict.fromkeys(r["image"] for r in ds.rows): h.update((ds.root/"images"/f).read_bytes())
+    return h.hexdigest()[:16]

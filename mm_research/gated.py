@@ -17,10 +17,11 @@ from .inspect import get_role, roles
 from .accounting import param_summary, param_table
 
 # %% auto #0
-__all__ = ['FROZEN_ROLES', 'OPTIONAL_PARTS', 'DEFAULT_TRAIN_PARTS', 'MODEL_KEYS', 'load_blip2', 'StyleContext', 'GatedLinear',
-           'cross_attention_kv', 'add_style_gates', 'StyleGatedBlip2', 'parse_parts', 'gate_parameters',
-           'parameter_groups', 'apply_freeze_plan', 'parameter_table', 'answer_labels', 'ArtVQACollator', 'vqa_loss',
-           'generate_answer_ids', 'generation_hits', 'exact_match', 'cast_language_model', 'build_gated_model']
+__all__ = ['FROZEN_ROLES', 'METHODS', 'OPTIONAL_PARTS', 'DEFAULT_TRAIN_PARTS', 'MODEL_KEYS', 'load_blip2', 'StyleContext',
+           'GatedLinear', 'cross_attention_kv', 'add_style_gates', 'StyleQueryShift', 'StyleGatedBlip2', 'parse_parts',
+           'gate_parameters', 'style_query_parameters', 'parameter_groups', 'apply_freeze_plan', 'parameter_table',
+           'answer_labels', 'ArtVQACollator', 'vqa_loss', 'generate_answer_ids', 'generation_hits', 'exact_match',
+           'cast_language_model', 'build_gated_model']
 
 # %% ../nbs/32_gated.ipynb #20be1bb7
 def load_blip2(model: str, seed: int = 0) -> nn.Module:
@@ -96,29 +97,69 @@ def add_style_gates(qformer: nn.Module, style_dim: int, context: StyleContext) -
         qformer.set_submodule(name, gates[name])
     return gates
 
+# %% ../nbs/32_gated.ipynb #c0a10002
+class StyleQueryShift(nn.Module):
+    "The context's style mapped to a shift of each query token (zero at the start), added as the Q-Former reads them."
+    def __init__(self, style_dim: int, num_query_tokens: int, hidden_size: int, context: StyleContext):
+        super().__init__()
+        self.context, self.shape = context, (num_query_tokens, hidden_size)
+        self.linear = nn.Linear(style_dim, num_query_tokens * hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+# %% ../nbs/32_gated.ipynb #c0a10003
+@patch
+def forward(self: StyleQueryShift, query_embeds: torch.Tensor) -> torch.Tensor:
+    "`query_embeds` plus this batch's style shift."
+    s = self.context.embedding
+    if s is None: raise RuntimeError("StyleQueryShift called without a style embedding: wrap the call in "
+                                     "`context.use(style)` (StyleGatedBlip2 does this for you).")
+    shift = self.linear(s.to(self.linear.weight.dtype)).view(s.shape[0], *self.shape)
+    return query_embeds + shift.to(query_embeds.dtype)
+
+@patch
+def hook(self: StyleQueryShift, module, args, kwargs):
+    "A forward pre-hook for the Q-Former: its `query_embeds` (keyword or first argument) shifted by the style."
+    if "query_embeds" in kwargs: kwargs["query_embeds"] = self(kwargs["query_embeds"])
+    else: args = (self(args[0]),) + tuple(args[1:])
+    return args, kwargs
+
 # %% ../nbs/32_gated.ipynb #e885ce1b
 FROZEN_ROLES = ("vision_encoder", "language_model")
+METHODS = {"ungated": dict(use_style=False), "gated": dict(use_style=True),
+           "control": dict(use_style=False, style_query=True)}
 
 class StyleGatedBlip2(nn.Module):
-    "BLIP-2 with style gates on its Q-Former cross-attention K/V, driven by a style encoder (or a constant)."
-    def __init__(self, blip2: nn.Module, style_encoder: nn.Module, use_style: bool = True):
+    "BLIP-2 with style gates on its Q-Former cross-attention K/V (fed the style or a constant), or the control."
+    def __init__(self, blip2: nn.Module, style_encoder: nn.Module, use_style: bool = True, style_query: bool = False):
         super().__init__()
         self.blip2, self.style_encoder, self.use_style = blip2, style_encoder, use_style
-        self.context = StyleContext()
+        self.context, self.query_context = StyleContext(), StyleContext()
         self.style_dim = style_encoder.config.hidden_dim
-        gates = add_style_gates(get_role(blip2, "qformer"), self.style_dim, self.context)
+        qformer = get_role(blip2, "qformer")
+        gates = add_style_gates(qformer, self.style_dim, self.context)
         self.gates = nn.ModuleDict({n.replace(".", "__"): g for n, g in gates.items()})
+        self.style_query = None
+        if style_query:
+            self.style_query = StyleQueryShift(self.style_dim, blip2.config.num_query_tokens,
+                                               qformer.config.hidden_size, self.query_context)
+            qformer.register_forward_pre_hook(self.style_query.hook, with_kwargs=True)
 
 # %% ../nbs/32_gated.ipynb #bc9b5646
 @patch
-def style_embedding(self: StyleGatedBlip2, style_pixel_values: torch.Tensor) -> torch.Tensor:
-    "The (batch, style_dim) style embedding of images prepared for the style encoder."
-    if not self.use_style:
-        return torch.ones(style_pixel_values.shape[0], self.style_dim, device=style_pixel_values.device)
+def encode_style(self: StyleGatedBlip2, style_pixel_values: torch.Tensor) -> torch.Tensor:
+    "The (batch, style_dim) style embedding of images prepared for the style encoder: pooled, layer-normalised."
     p = next(self.style_encoder.parameters())
     with torch.no_grad():
         e = self.style_encoder.base_model(style_pixel_values.to(p.device, p.dtype)).pooler_output.float()
     return F.layer_norm(e, e.shape[-1:])
+
+@patch
+def style_embedding(self: StyleGatedBlip2, style_pixel_values: torch.Tensor) -> torch.Tensor:
+    "What the gates see: the style embedding, or ones for the ungated twin and the control."
+    if not self.use_style:
+        return torch.ones(style_pixel_values.shape[0], self.style_dim, device=style_pixel_values.device)
+    return self.encode_style(style_pixel_values)
 
 # %% ../nbs/32_gated.ipynb #b7220557
 @patch
@@ -138,10 +179,18 @@ def _pixels(self: StyleGatedBlip2, pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values.to(p.device, p.dtype)
 
 @patch
+def styled(self: StyleGatedBlip2, style_pixel_values: torch.Tensor) -> contextlib.ExitStack:
+    "A `with` block in which the gates see this batch's `style_embedding` and the control's shift its style."
+    stack = contextlib.ExitStack()
+    stack.enter_context(self.context.use(self.style_embedding(style_pixel_values)))
+    if self.style_query is not None: stack.enter_context(self.query_context.use(self.encode_style(style_pixel_values)))
+    return stack
+
+@patch
 def forward(self: StyleGatedBlip2, pixel_values, input_ids, style_pixel_values, attention_mask=None, labels=None,
             **kwargs):
     "BLIP-2's output (with the loss when `labels` are given) under this batch's style."
-    with self.context.use(self.style_embedding(style_pixel_values)):
+    with self.styled(style_pixel_values):
         return self.blip2(pixel_values=self._pixels(pixel_values), input_ids=input_ids, attention_mask=attention_mask,
                           labels=labels, **kwargs)
 
@@ -150,7 +199,7 @@ def forward(self: StyleGatedBlip2, pixel_values, input_ids, style_pixel_values, 
 def generate(self: StyleGatedBlip2, pixel_values, input_ids, style_pixel_values, attention_mask=None,
              **kwargs) -> torch.Tensor:
     "The new tokens BLIP-2 generates after the prompt, under this batch's style."
-    with torch.no_grad(), self.context.use(self.style_embedding(style_pixel_values)):
+    with torch.no_grad(), self.styled(style_pixel_values):
         out = self.blip2.generate(pixel_values=self._pixels(pixel_values), input_ids=input_ids,
                                   attention_mask=attention_mask, **kwargs)
     return out[:, input_ids.shape[1]:]
@@ -173,25 +222,30 @@ def gate_parameters(model: StyleGatedBlip2) -> list[nn.Parameter]:
     "The parameters the gates add: each gate vector and its FiLM adapter (not the wrapped Linear)."
     return [p for g in model.gates.values() for n, p in g.named_parameters() if not n.startswith("base_layer.")]
 
+def style_query_parameters(model: StyleGatedBlip2) -> list[nn.Parameter]:
+    "The control's query-shift parameters (none for the gated model and its ungated twin)."
+    return [] if model.style_query is None else list(model.style_query.parameters())
+
 # %% ../nbs/32_gated.ipynb #00a1b66d
 def parameter_groups(model: StyleGatedBlip2) -> dict[str, list[nn.Parameter]]:
-    "The parameters of `model` by group: 'gates', 'style_encoder', each BLIP-2 role, and 'other' (the query tokens)."
-    gates = {id(p) for p in gate_parameters(model)}
+    "Parameters by group: 'gates', 'style_query', 'style_encoder', each BLIP-2 role, 'other' (the query tokens)."
+    gates, shift = {id(p) for p in gate_parameters(model)}, {id(p) for p in style_query_parameters(model)}
     paths = sorted(((p, r) for r, p in roles(model.blip2).items()), key=lambda t: -len(t[0]))
     groups = {}
     for name, p in model.named_parameters():
         sub = name.removeprefix("blip2.")
-        g = "gates" if id(p) in gates else "style_encoder" if name.startswith("style_encoder.") else next(
-            (r for path, r in paths if sub.startswith(path + ".")), "other")
+        g = ("gates" if id(p) in gates else "style_query" if id(p) in shift else "style_encoder"
+             if name.startswith("style_encoder.") else next((r for path, r in paths if sub.startswith(path + ".")),
+                                                            "other"))
         groups.setdefault(g, []).append(p)
     return groups
 
 # %% ../nbs/32_gated.ipynb #c2afc54a
 def apply_freeze_plan(model: StyleGatedBlip2, train_parts=()) -> StyleGatedBlip2:
-    "`model` with everything frozen but the gates and the optional `train_parts` roles of BLIP-2."
+    "`model` with everything frozen but the gates (and query shift) and the optional `train_parts` roles of BLIP-2."
     parts = parse_parts(train_parts)
     model.requires_grad_(False)
-    for p in gate_parameters(model): p.requires_grad_(True)
+    for p in gate_parameters(model) + style_query_parameters(model): p.requires_grad_(True)
     for role in parts: get_role(model.blip2, role).requires_grad_(True)
     if "qformer" in parts:  # the Q-Former's inputs that live outside every role: BLIP-2's query tokens
         for p in parameter_groups(model).get("other", []): p.requires_grad_(True)
@@ -199,9 +253,10 @@ def apply_freeze_plan(model: StyleGatedBlip2, train_parts=()) -> StyleGatedBlip2
 
 # %% ../nbs/32_gated.ipynb #9c5f909d
 def parameter_table(model: StyleGatedBlip2) -> list[dict]:
-    "Rows of trainable / frozen / total / ratio / bytes: BLIP-2's roles, its gates, the style encoder, the total."
+    "Rows of trainable / frozen / total / ratio / bytes: BLIP-2's roles, its gates, query shift, style encoder, total."
     rows = [r for r in param_table(model.blip2) if r["role"] != "total"]
     rows.append({"role": "  gates (in qformer)", **param_summary(nn.ParameterList(gate_parameters(model)))})
+    if model.style_query is not None: rows.append({"role": "style_query", **param_summary(model.style_query)})
     rows.append({"role": "style_encoder", **param_summary(model.style_encoder)})
     return rows + [{"role": "total", **param_summary(model)}]
 
@@ -270,13 +325,13 @@ def cast_language_model(model: StyleGatedBlip2, dtype=torch.bfloat16) -> StyleGa
 
 # %% ../nbs/32_gated.ipynb #a49e79d9
 def build_gated_model(model: str, style_encoder, use_style: bool, train_parts=DEFAULT_TRAIN_PARTS, device="cpu",
-                      seed: int = 0, base_lm: str | Path | None = None) -> StyleGatedBlip2:
-    "A gated BLIP-2 from `model` (its LM from `base_lm` if given) with the freeze plan applied, on `device`."
+                      seed: int = 0, base_lm: str | Path | None = None, style_query: bool = False) -> StyleGatedBlip2:
+    "A gated BLIP-2 from `model` (weights from the file `base_lm` if given) with the freeze plan applied, on `device`."
     blip2 = load_blip2(model, seed=seed)
     if base_lm is not None:
         _, unexpected = blip2.load_state_dict(load_file(base_lm), strict=False)
         if unexpected: raise ValueError(f"{base_lm} has weights this model lacks, e.g. {unexpected[:3]}.")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)  # the same gate/FiLM initialisation for the gated and the ungated model
-        m = StyleGatedBlip2(blip2, copy.deepcopy(style_encoder), use_style=use_style)
+        torch.manual_seed(seed + 1)  # the same gate/FiLM initialisation for every method
+        m = StyleGatedBlip2(blip2, copy.deepcopy(style_encoder), use_style=use_style, style_query=style_query)
     return apply_freeze_plan(m, train_parts).to(resolve_device(device))

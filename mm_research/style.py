@@ -154,23 +154,27 @@ def load_style_encoder(path: str | Path, config=None, num_labels: int | None = N
     return model.to(resolve_device(device)).eval()
 
 # %% ../nbs/31_style.ipynb #584d16d1
-def style_images(root: str | Path, split: str) -> list[tuple[Path, str]]:
-    "The distinct (image path, style) pairs of an ArtQuest-layout split; needs a `style` column."
-    ds = ArtQuestDataset(root, split)
+def _split(data, split: str) -> ArtQuestDataset:
+    return data[split] if isinstance(data, dict) else ArtQuestDataset(data, split)
+
+def style_images(data, split: str) -> list[tuple[Path, str]]:
+    "The distinct (image path, style) pairs of split `split` of `data` (a folder or `art_splits`); needs `style`."
+    ds = _split(data, split)
     if ds.rows and "style" not in ds.rows[0]:
-        raise ValueError(f"{root}/{split}.csv has no 'style' column: a style encoder needs style labels per image.")
+        raise ValueError(f"{ds.root}/{ds.split}.csv has no 'style' column: a style encoder needs style labels "
+                         "per image.")
     seen = {}
     for r in ds.rows: seen.setdefault(r["image"], (ds.root/"images"/r["image"], r["style"]))
     return list(seen.values())
 
 # %% ../nbs/31_style.ipynb #8a02126a
 class StyleImages(torch.utils.data.Dataset):
-    "Images and style label ids for training the style classifier."
-    def __init__(self, root, split, label2id):
-        self.items, self.label2id = style_images(root, split), label2id
+    "Images and style label ids of split `split` of `data` (a folder or `art_splits`), for the style classifier."
+    def __init__(self, data, split, label2id):
+        self.items, self.label2id = style_images(data, split), label2id
         unknown = sorted({s for _, s in self.items} - set(label2id))
         if unknown:
-            raise ValueError(f"Styles {unknown} in {root}/{split}.csv are not among the encoder's labels "
+            raise ValueError(f"Styles {unknown} in the {split} split are not among the encoder's labels "
                              f"{list(label2id)}.")
 
     def __len__(self): return len(self.items)
@@ -188,12 +192,12 @@ def style_collate(processor):
     return collate
 
 # %% ../nbs/31_style.ipynb #47654258
-def style_loaders(data_root, label2id, processor, batch_size: int = 16) -> dict:
-    "Train (shuffled) and val loaders of style-labelled images, by split."
+def style_loaders(data, label2id, processor, batch_size: int = 16, splits=("train", "val")) -> dict:
+    "Loaders of style-labelled images by split (train shuffled), and `train_ordered`; `data`: a folder or `art_splits`."
     def dl(split, shuffle):
-        return torch.utils.data.DataLoader(StyleImages(data_root, split, label2id), batch_size=batch_size,
+        return torch.utils.data.DataLoader(StyleImages(data, split, label2id), batch_size=batch_size,
                                            shuffle=shuffle, collate_fn=style_collate(processor))
-    return {"train": dl("train", True), "val": dl("val", False), "train_ordered": dl("train", False)}
+    return {**{s: dl(s, s == "train") for s in splits}, "train_ordered": dl("train", False)}
 
 # %% ../nbs/31_style.ipynb #085f7e4a
 def style_processor(model: str, image_size: int):
@@ -206,7 +210,7 @@ def style_processor(model: str, image_size: int):
 def train_style_encoder(data_root: str | Path, out_dir: str | Path, model: str = "tiny-efficientnet", epochs: int = 3,
                         batch_size: int = 16, lr: float = 3e-3, device: str = "auto", seed: int = 0,
                         image_size: int | None = None) -> tuple[Path, dict]:
-    "(checkpoint folder, best epoch's record) of a style classifier trained on `data_root` and saved to `out_dir`."
+    "(folder, best epoch's record) of a style classifier trained on `data_root` (folder or splits), chosen on val."
     found = {s for _, s in style_images(data_root, "train")}
     enc = build_style_encoder(model, labels=[s for s in ART_STYLES if s in found] + sorted(found - set(ART_STYLES)),
                               seed=seed, meta=False)

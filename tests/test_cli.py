@@ -187,3 +187,13 @@ def _umask():
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_a_folder_holding_a_run_is_never_written_into(nbs, runs, tmp_path):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.json").write_text('{"mine": 1}')
+    out = mmr("run", "50_ok", "--run-dir", str(used))
+    assert out.returncode == 2 and "already holds a run" in out.stderr
+    assert sorted(p.name for p in used.iterdir()) == ["metrics.json"]
+    assert (used / "metrics.json").read_text() == '{"mine": 1}'

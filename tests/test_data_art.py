@@ -1,26 +1,29 @@
-"""The art set and the ArtQuest-layout loader: layout, vocabulary, any image size, clear errors."""
+"""The art set and the ArtQuest-layout loader: layout with a test split, disjoint splits, vocabulary, any image size,
+a user's folder only read, clear errors."""
 import csv
+import hashlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mm_research.art_data import ART_COLORS, ART_STYLES, ArtQuestDataset, make_art_set, paint_art
+from mm_research.art_data import (ART_COLORS, ART_STYLES, ArtQuestDataset, art_fingerprint, art_splits,
+                                  make_art_set, paint_art)
 from mm_research.vqa_data import read_artquest
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory):
-    return make_art_set(tmp_path_factory.mktemp("art") / "set", n_train=12, n_val=6, size=40, seed=1)
+    return make_art_set(tmp_path_factory.mktemp("art") / "set", n_train=12, n_val=6, n_test=6, size=40, seed=1)
 
 
 def test_layout_and_columns(art):
-    assert {p.name for p in art.iterdir()} >= {"train.csv", "val.csv", "images"}
+    assert {p.name for p in art.iterdir()} >= {"train.csv", "val.csv", "test.csv", "images"}
     with open(art / "train.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {"image", "question", "answer"} <= set(rows[0])
-    assert len(rows) == 24 and len(read_artquest(art, "val")) == 12
+    assert len(rows) == 24 and len(read_artquest(art, "val")) == len(read_artquest(art, "test")) == 12
     assert {r["answer"] for r in rows if r["kind"] == "style"} == set(ART_STYLES)   # 12 images: two of each style
     assert {r["answer"] for r in rows if r["kind"] == "color"} <= set(ART_COLORS)
 
@@ -76,3 +79,33 @@ def test_cache_refuses_other_settings(tmp_path):
     assert make_art_set(root, n_train=6, n_val=2, size=16) == root
     with pytest.raises(ValueError, match="another folder"):
         make_art_set(root, n_train=7, n_val=2, size=16)
+    with pytest.raises(ValueError, match="another folder"):
+        make_art_set(root, n_train=6, n_val=2, n_test=3, size=16)
+
+
+def pixel_hashes(root, split):
+    return {hashlib.sha256(np.asarray(Image.open(root / "images" / r["image"])).tobytes()).hexdigest()
+            for r in read_artquest(root, split)}
+
+
+def test_no_test_or_val_painting_is_in_train(art):
+    h = {s: pixel_hashes(art, s) for s in ("train", "val", "test")}
+    assert [len(h[s]) for s in h] == [12, 6, 6]
+    assert not h["test"] & (h["train"] | h["val"]) and not h["val"] & h["train"]
+    assert {r["answer"] for r in read_artquest(art, "test") if r["kind"] == "style"} == set(ART_STYLES)
+
+
+def test_artquest_folder_without_test_is_split_and_only_read(tmp_path):
+    root = make_art_set(tmp_path / "s", n_train=10, n_val=4, n_test=2, size=16)
+    (root / "test.csv").unlink()                                  # ArtQuest's own layout: train.csv and val.csv
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    splits = art_splits(root, val_fraction=0.3, seed=4)
+    assert {s: len(d) for s, d in splits.items()} == {"train": 14, "val": 6, "test": 8}
+    images = {s: {r["image"] for r in d.rows} for s, d in splits.items()}
+    assert not images["val"] & images["train"] and images["val"] | images["train"] == {
+        r["image"] for r in read_artquest(root, "train")}
+    assert splits["test"].rows == read_artquest(root, "val")
+    assert splits["val"][0]["image"].size == (16, 16)
+    assert art_fingerprint(splits) == art_fingerprint(art_splits(root, 0.3, seed=4))
+    assert art_fingerprint(splits) != art_fingerprint(art_splits(root, 0.3, seed=5))
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before

@@ -1,5 +1,6 @@
 """Style-gated BLIP-2: zero-gate parity, the PEFT adapter contract, the freeze plan and its gradients, the projections
-found, the full-size model on the meta device."""
+found, the full-size model on the meta device, the control that sees the style without gates, the pretrained base."""
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +9,12 @@ import torch
 from PIL import Image
 
 from mm_research.runner import notebook_parameters
-from mm_research.gated import (DEFAULT_TRAIN_PARTS, ArtVQACollator, GatedLinear, StyleGatedBlip2, apply_freeze_plan,
-                               build_gated_model, cast_language_model, cross_attention_kv, generate_answer_ids,
-                               load_blip2, parameter_groups, parameter_table, vqa_loss)
+from mm_research.gated import (DEFAULT_TRAIN_PARTS, METHODS, ArtVQACollator, GatedLinear, StyleGatedBlip2,
+                               apply_freeze_plan, build_gated_model, cast_language_model, cross_attention_kv,
+                               gate_parameters, generate_answer_ids, load_blip2, parameter_groups, parameter_table,
+                               style_query_parameters, vqa_loss)
+from mm_research.gated_base import AttributeCollator, AttributePrefixLM, prefix_lm_loss
+from mm_research.core import save_safetensors
 from mm_research.inspect import get_role, roles
 from mm_research.style import build_style_encoder
 from mm_research.zoo import load_processor
@@ -121,3 +125,79 @@ def test_generation_mixed_precision_batch2(batch):
 def test_no_module_entry_point():
     import mm_research.gated as gated
     assert not hasattr(gated, "main") and not hasattr(gated, "run_gated_experiment")
+
+
+def logits(m, b):
+    with torch.no_grad():
+        return m(**model_inputs(b), style_pixel_values=b["style_pixel_values"]).logits
+
+
+def test_three_methods_start_as_one_function(batch):
+    enc = build_style_encoder()
+    models = {name: build_gated_model("tiny-blip2", enc, **kw) for name, kw in METHODS.items()}
+    ref = logits(models["ungated"], batch)
+    for name, m in models.items():
+        assert torch.equal(logits(m, batch), ref), name
+        for a, z in zip(gate_parameters(models["gated"]), gate_parameters(m)):
+            assert torch.equal(a, z), name
+    n = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in models.items()}
+    shift = sum(p.numel() for p in style_query_parameters(models["control"]))
+    assert n["gated"] == n["ungated"] and n["control"] == n["ungated"] + shift > n["gated"]
+    assert {g for g, ps in parameter_groups(models["control"]).items() if any(p.requires_grad for p in ps)} == {
+        "gates", "style_query", "qformer", "projector", "other"}
+
+
+def test_control_sees_the_style_without_gates(batch):
+    enc = build_style_encoder()
+    with torch.no_grad():   # a fresh encoder's pooled features are ~0 for every image: give it weights that differ
+        for m in enc.modules():
+            if isinstance(m, torch.nn.Conv2d): torch.nn.init.kaiming_normal_(m.weight)
+    ctl = build_gated_model("tiny-blip2", enc, **METHODS["control"])
+    with torch.no_grad():
+        for p in ctl.style_query.parameters(): p.normal_(0, 0.1)
+    other = {**batch, "style_pixel_values": batch["style_pixel_values"].flip(0)}
+    assert not torch.equal(logits(ctl, batch), logits(ctl, other))          # the style reaches the answer
+    assert all(torch.equal(g.gate, torch.zeros_like(g.gate)) for g in ctl.gates.values())
+    twin = build_gated_model("tiny-blip2", enc, **METHODS["ungated"])
+    with torch.no_grad():
+        for g in twin.gates.values(): g.gate.fill_(0.5)
+    assert torch.equal(logits(twin, batch), logits(twin, other))            # the ungated twin's does not depend on it
+    assert ctl.generate(batch["pixel_values"], batch["prompt_input_ids"], batch["style_pixel_values"],
+                        attention_mask=batch["prompt_attention_mask"], max_new_tokens=2).shape == (2, 2)
+
+
+def test_control_copy_shifts_with_its_own_weights(batch):
+    ctl = build_gated_model("tiny-blip2", build_style_encoder(), **METHODS["control"])
+    before = logits(ctl, batch)
+    twin = copy.deepcopy(ctl)
+    with torch.no_grad():
+        for p in twin.style_query.parameters(): p.normal_(0, 0.1)
+    assert not torch.equal(logits(twin, batch), before)
+    assert torch.equal(logits(ctl, batch), before)                          # the original's hook is its own
+
+
+def test_control_budget_on_the_real_architecture():
+    b3 = build_style_encoder("efficientnet-b3-wikiart27")
+    m = build_gated_model("blip2-opt-2.7b", b3, device="meta", **METHODS["control"])
+    shift = sum(p.numel() for p in style_query_parameters(m))
+    assert shift == (1536 + 1) * 32 * 768                                  # style dim -> 32 query tokens x 768
+    rows = {r["role"].strip(): r for r in parameter_table(m)}
+    assert rows["style_query"]["trainable"] == shift
+
+
+def test_pretrained_base_loads_into_every_method(tmp_path, batch):
+    blip = load_blip2("tiny-blip2", seed=3)
+    plm = AttributePrefixLM(blip, {"color": ["red"], "style": ["dots"]})
+    items = [{"image": Image.new("RGB", (20, 20), "red"), "image_file": "a.png", "question": "what color ?",
+              "answer": "red", "kind": "color", "style": "dots"}]
+    pb = AttributeCollator(ArtVQACollator(load_processor("tiny-blip2"), load_processor("tiny-efficientnet")), plm,
+                           {"a.png": {"color": "red", "style": "dots"}})(items)
+    prefix_lm_loss(plm, pb).backward()
+    assert plm.tables["color"].weight.grad.abs().sum() > 0                 # the prefix is read
+    lm = roles(blip)["language_model"]
+    path = save_safetensors({k: v.detach() for k, v in blip.named_parameters() if k.startswith(lm + ".")},
+                            tmp_path / "lm.safetensors")                   # tied weights once
+    for name, kw in METHODS.items():
+        m = build_gated_model("tiny-blip2", build_style_encoder(), base_lm=path, **kw)
+        for k, v in get_role(m.blip2, "language_model").state_dict().items():
+            assert torch.equal(v, get_role(blip, "language_model").state_dict()[k]), (name, k)

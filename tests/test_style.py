@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 
-from mm_research.art_data import ART_STYLES, make_art_set
-from mm_research.style import build_style_encoder, load_style_encoder, save_style_encoder, train_style_encoder
+from mm_research.art_data import ART_STYLES, art_splits, make_art_set
+from mm_research.style import (build_style_encoder, load_style_encoder, save_style_encoder, style_images,
+                               train_style_encoder)
 
 
 class Payload:  # any custom object a pickle-based checkpoint could carry
@@ -48,3 +49,14 @@ def test_trained_encoder_reloads_with_reported_accuracy(tmp_path):
     assert enc.config.id2label == dict(enumerate(ART_STYLES))
     assert 0 <= best["style_acc"] <= 1 and "style_acc_in_training" in best
     assert not (folder / "model.pt").exists() and (folder / "model.safetensors").exists()
+
+
+def test_encoder_is_chosen_on_the_held_out_split_not_on_test(tmp_path):
+    art = make_art_set(tmp_path / "art", n_train=12, n_val=6, n_test=2, size=32)
+    (art / "test.csv").unlink()                                      # ArtQuest layout: val.csv becomes the test split
+    splits = art_splits(art, val_fraction=0.25, seed=0)
+    held = {p.name for p, _ in style_images(splits, "val")}
+    assert held and held <= {p.name for p, _ in style_images(art, "train")}
+    assert not held & {p.name for p, _ in style_images(splits, "test")}
+    folder, best = train_style_encoder(splits, tmp_path / "style", epochs=1, batch_size=6, device="cpu", image_size=32)
+    assert best["epoch"] == 1 and (folder / "model.safetensors").exists()
