@@ -197,3 +197,12 @@ def test_a_folder_holding_a_run_is_never_written_into(nbs, runs, tmp_path):
     assert out.returncode == 2 and "already holds a run" in out.stderr
     assert sorted(p.name for p in used.iterdir()) == ["metrics.json"]
     assert (used / "metrics.json").read_text() == '{"mine": 1}'
+
+
+@pytest.mark.parametrize("name", ["reproduce.yaml", "reproduce-gpu.yaml"])
+def test_the_project_parameter_files_are_valid_for_the_experiments(name):
+    from mm_research.core import project_root
+    from mm_research.runner import load_param_files, runnable_notebooks
+    path = project_root(Path(__file__).parent) / name
+    per_nb = load_param_files([path], runnable_notebooks())
+    assert all(ps["seeds"] == list(range(len(ps["seeds"]))) and len(ps["seeds"]) >= 3 for ps in per_nb.values())
