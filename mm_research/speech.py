@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_speech.ipynb #87cc388b
 from __future__ import annotations
-import json
+import json, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -19,10 +19,10 @@ from .lora import lora_targets, expected_lora_params
 from .report import structure_report
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'TRAIN_MODES', 'choose_strategy', 'tower_window', 'feature_extractor_of', 'tower_features',
-           'masked_mean', 'tower_lengths', 'encode_tower', 'audio_token_id', 'SpeechEncoder', 'checkpoint_weight_map',
-           'checkpoint_prefix', 'read_shards', 'load_audio_tower', 'check_lora', 'add_lora', 'KeywordOutput',
-           'KeywordClassifier', 'freeze_for_mode', 'featurize_clips', 'collate', 'keyword_hits']
+__all__ = ['STRATEGIES', 'TRAIN_MODES', 'choose_strategy', 'tower_window', 'feature_extractor_of', 'check_clips',
+           'tower_features', 'masked_mean', 'tower_lengths', 'encode_tower', 'audio_token_id', 'SpeechEncoder',
+           'checkpoint_weight_map', 'checkpoint_prefix', 'read_shards', 'load_audio_tower', 'check_lora', 'add_lora',
+           'KeywordOutput', 'KeywordClassifier', 'freeze_for_mode', 'featurize_clips', 'collate', 'keyword_hits']
 
 # %% ../nbs/11_speech.ipynb #7eed46b8
 STRATEGIES = ("audio_tower", "full_forward")
@@ -50,9 +50,21 @@ def feature_extractor_of(processor):
     if not hasattr(fe, "sampling_rate"): raise TypeError(f"{type(processor).__name__} has no audio feature extractor.")
     return fe
 
+# %% ../nbs/11_speech.ipynb #b4831655
+def check_clips(audios, window_samples: int, sampling_rate: int) -> None:
+    "Raise on an empty clip; warn, naming them, about clips longer than the window (they are cut to it)."
+    lengths = [len(a) for a in audios]
+    if empty := [i for i, n in enumerate(lengths) if n == 0]:
+        raise ValueError(f"Clip(s) {empty[:5]} of {len(lengths)} are empty: remove them or pass audio samples.")
+    if long := [i for i, n in enumerate(lengths) if n > window_samples]:
+        warnings.warn(f"{len(long)} clip(s) (e.g. {long[:5]}) are longer than the tower's "
+                      f"{window_samples / sampling_rate:g} s window and are cut to it: split long recordings into "
+                      "windows to keep all of their audio.", stacklevel=2)
+
 # %% ../nbs/11_speech.ipynb #5b000004
 def tower_features(fe, audios: list[np.ndarray], frames: int) -> dict[str, torch.Tensor]:
     "Log-mel features of `audios` padded (or cut) to `frames`, with the mask of real frames."
+    check_clips(audios, frames * fe.hop_length, fe.sampling_rate)
     f = fe(list(audios), sampling_rate=fe.sampling_rate, padding="max_length", max_length=frames * fe.hop_length,
            truncation=True, return_attention_mask=True, return_tensors="pt")
     if f["input_features"].shape[-1] != frames:

@@ -273,7 +273,7 @@ def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | N
                           weight_decay, epochs, grad_accum, mixed_precision, cpu, run_dir, best_metric, best_mode)
     if resume: loop.resume()
     elif loop.acc.is_main_process and loop.jsonl.exists(): loop.jsonl.unlink()
-    steps_per_epoch, step_times = math.ceil(len(train_dl) / grad_accum), []
+    steps_per_epoch, step_times = math.ceil(len(loop.train_dl) / grad_accum), []  # per process
     for epoch in range(loop.start_epoch, epochs):
         t0 = time.perf_counter()
         losses = loop.train_epoch(epoch, epochs, max_grad_norm, log_every, grad_accum, progress)

@@ -154,3 +154,14 @@ def test_mmr_run_with_local_checkpoint(tiny, tmp_path, runs):
     assert m["summary"]["lora - frozen test accuracy"]["mean"] == cmp["diff"]
     assert (out / "speech_modes.png").stat().st_size > 1000
     assert json.loads((out / "params.json").read_text())["model"] == str(ckpt)
+
+
+def test_empty_clip_is_an_error_and_a_long_clip_warns_before_encoding(tiny):
+    model, proc = tiny
+    enc = SpeechEncoder(model, proc, "audio_tower")
+    with pytest.raises(ValueError, match=r"Clip\(s\) \[1\] of 2 are empty"):
+        enc.featurize([CLIPS[0], np.zeros(0, np.float32)])
+    long_clip = np.full(16000 * 3, 0.1, np.float32)  # 3 s against the tiny tower's 2 s window
+    with pytest.warns(UserWarning, match="longer than the tower's 2 s window and are cut to it"):
+        f = enc.featurize([long_clip])
+    assert f["feature_attention_mask"].sum().item() == 200  # cut to the window, not dropped
