@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #19b65835
 from __future__ import annotations
-import dataclasses, datetime, json, math, os, platform, random, subprocess, sys, tempfile
+import dataclasses, datetime, json, math, os, platform, random, subprocess, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np

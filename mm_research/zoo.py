@@ -4,11 +4,10 @@
 
 # %% ../nbs/01_zoo.ipynb #3b2f1966
 from __future__ import annotations
-import difflib, json, os
+import difflib, json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 import torch, transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 from .core import resolve_device, resolve_dtype
