@@ -8,7 +8,7 @@ import contextlib, fcntl, hashlib, json, os, platform, shutil, tempfile
 from pathlib import Path
 from typing import Callable
 import torch
-from .core import atomic_write, cache_root, current_umask, to_jsonable
+from .core import atomic_write, cache_root, current_umask, resuming, to_jsonable
 
 # %% auto #0
 __all__ = ['cache_key', 'file_lock', 'numerics_key', 'code_fingerprint', 'cached_training']
@@ -56,19 +56,17 @@ def cached_training(kind: str, spec: dict, train_fn: Callable[[Path], dict], cac
     root = Path(cache_dir or cache_root()/"trained")/kind
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key({"kind": kind, **spec, "numerics": numerics_key(), "code": code_fingerprint(train_fn)})
-    folder = root/key
+    folder, partial = root/key, root/f".{key}.partial"
     with file_lock(root/f".{key}.lock"):
         if (folder/"record.json").exists():
             return folder, {**json.loads((folder/"record.json").read_text()), "cached": True}
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}.", suffix=".tmp"))
-        try:
-            record = {**to_jsonable(train_fn(tmp) or {}), "key": key, "spec": to_jsonable(spec),
+        continuing = partial.exists()  # left by a killed or failed build: continue it
+        partial.mkdir(exist_ok=True)
+        with resuming() if continuing else contextlib.nullcontext():
+            record = {**to_jsonable(train_fn(partial) or {}), "key": key, "spec": to_jsonable(spec),
                       "numerics": numerics_key()}
-            atomic_write(tmp/"record.json", json.dumps(record, indent=2) + "\n")
-            tmp.chmod(0o777 & ~current_umask())
-            if folder.exists(): shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_write(partial/"record.json", json.dumps(record, indent=2) + "\n")
+        partial.chmod(0o777 & ~current_umask())
+        if folder.exists(): shutil.rmtree(folder)
+        os.replace(partial, folder)
     return folder, {**record, "cached": False}

@@ -13,7 +13,7 @@ from .core import atomic_write, save_safetensors
 
 # %% auto #0
 __all__ = ['flatten_state', 'unflatten_state', 'save_state', 'load_state', 'rng_state', 'set_rng_state', 'trainable_state_dict',
-           'load_trainable', 'swap_in', 'find_checkpoint']
+           'load_trainable', 'save_buffers', 'load_buffers', 'swap_in', 'find_checkpoint']
 
 # %% ../nbs/05a_checkpoints.ipynb #01ce15c3
 def flatten_state(obj, tensors: dict | None = None, prefix: str = "t") -> tuple[object, dict]:
@@ -90,6 +90,21 @@ def load_trainable(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
                                  "was it saved from a differently wrapped model (LoRA/PEFT)?")
     with torch.no_grad():
         for k, v in sd.items(): params[k].copy_(v)
+    return model
+
+# %% ../nbs/05a_checkpoints.ipynb #570bf02f
+def save_buffers(model: torch.nn.Module, folder: Path) -> None:
+    "Save `model`'s buffers as `buffers.safetensors` in `folder` (nothing when it has none)."
+    bufs = {n: b.detach().clone() for n, b in model.named_buffers()}
+    if bufs: save_safetensors(bufs, Path(folder)/"buffers.safetensors")
+
+def load_buffers(model: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    "Load what `save_buffers` wrote in `folder` into `model` (buffers it lacks are skipped)."
+    path = Path(folder)/"buffers.safetensors"
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for k, v in (load_file(path) if path.exists() else {}).items():
+            if k in own and own[k].shape == v.shape: own[k].copy_(v)
     return model
 
 # %% ../nbs/05a_checkpoints.ipynb #8f12858e

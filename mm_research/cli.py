@@ -5,6 +5,7 @@
 # %% ../nbs/92_cli.ipynb #079e02c3
 from __future__ import annotations
 import argparse, json, os, sys
+from pathlib import Path
 from .reproduce import reproduce
 from .runner import (NotebookFailed, find_notebook, load_param_files, notebook_parameters, run_notebook,
                                 runnable_notebooks, validate_parameters)
@@ -21,6 +22,7 @@ def _add_run_commands(sub) -> None:
     r.add_argument("-f", "--params-file", action="append", default=[], help="YAML {experiment: {name: value}}")
     r.add_argument("--device", default=None)
     r.add_argument("--run-dir", default=None)
+    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a killed run in its folder")
     rp = sub.add_parser("reproduce", help="run every experiment and write a report")
     rp.add_argument("--device", default=None)
     rp.add_argument("-f", "--params-file", action="append", default=[])
@@ -38,6 +40,10 @@ def _add_model_commands(sub) -> None:
     m.add_argument("model")
     m.add_argument("--json", action="store_true")
     m.add_argument("--device", default="auto")
+    s = sub.add_parser("save", help="write a tiny preset as a standard Hugging Face checkpoint folder")
+    s.add_argument("preset")
+    s.add_argument("folder")
+    s.add_argument("--seed", type=int, default=0, help="the seed of the preset's weights (as the experiments')")
 
 def parser() -> argparse.ArgumentParser:
     "The `mmr` argument parser."
@@ -63,7 +69,7 @@ def _run(args) -> int:
     nb = find_notebook(args.notebook)
     params = load_param_files(args.params_file, runnable_notebooks()).get(nb.stem, {})
     params |= validate_parameters(nb, dict(args.parameter))
-    out = run_notebook(args.notebook, params, device=args.device, run_dir=args.run_dir)
+    out = run_notebook(args.notebook, params, device=args.device, run_dir=args.run_dir, resume=args.resume)
     print(f"{nb.stem}: done. Run folder: {out}")
     return 0
 
@@ -88,9 +94,24 @@ def _memory(args) -> int:
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0
 
+def _save(args) -> int:
+    from mm_research.zoo import PRESETS, save_preset
+    p = PRESETS.get(args.preset)
+    if p is None or p.reference:
+        tiny = [n for n, q in PRESETS.items() if not q.reference]
+        what = "a reference preset (no weights to write)" if p else "no preset"
+        raise ValueError(f"{args.preset!r} is {what}: give one of {', '.join(tiny)}.")
+    folder = Path(args.folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} is not empty: give a new or empty folder (nothing was changed).")
+    out = save_preset(args.preset, folder, seed=args.seed)
+    print(f"{args.preset} (seed {args.seed}) saved to {out}: use it with -p model {out}")
+    return 0
+
 # %% ../nbs/92_cli.ipynb #b77ceafb
 _COMMANDS = {"list": lambda args: print(list_text()) or 0, "run": _run, "reproduce": _reproduce,
-             "inspect": _inspect, "memory": _memory}
+             "inspect": _inspect, "memory": _memory,
+             "save": _save}
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mmr` console script."

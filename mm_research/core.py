@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #19b65835
 from __future__ import annotations
-import dataclasses, datetime, json, math, os, platform, random, subprocess, tempfile
+import contextlib, dataclasses, datetime, json, math, os, platform, random, subprocess, tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DTYPES', 'resolve_device', 'resolve_dtype', 'seed_everything', 'pin_threads', 'current_umask', 'atomic_write',
-           'save_safetensors', 'project_root', 'runs_root', 'timestamp', 'make_run_dir', 'cache_root', 'to_jsonable',
-           'save_metrics', 'load_metrics', 'save_figure', 'fmt_bytes', 'render_table', 'accuracy', 'experiment_config',
-           'git_commit', 'cpu_record', 'environment_record', 'Run', 'start_run']
+__all__ = ['DTYPES', 'RESUME_ENV', 'resolve_device', 'resolve_dtype', 'seed_everything', 'pin_threads', 'current_umask',
+           'atomic_write', 'save_safetensors', 'project_root', 'runs_root', 'timestamp', 'make_run_dir', 'cache_root',
+           'is_resuming', 'resuming', 'to_jsonable', 'save_metrics', 'load_metrics', 'save_figure', 'fmt_bytes',
+           'render_table', 'accuracy', 'experiment_config', 'git_commit', 'cpu_record', 'environment_record', 'Run',
+           'start_run']
 
 # %% ../nbs/00_core.ipynb #653941d7
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -123,15 +124,40 @@ def timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
 
 def make_run_dir(notebook: str, run_dir: str | Path | None = None) -> Path:
-    "Create and return `run_dir`, or `runs/<notebook>/<timestamp>/` when it is None."
-    d = Path(run_dir) if run_dir else runs_root()/notebook/timestamp()
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    "Create and return `run_dir` (it may exist), or a new `runs/<notebook>/<timestamp>[-N]/` when it is None."
+    if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(run_dir)
+    base = runs_root()/notebook/timestamp()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        d = base.with_name(f"{base.name}-{i}") if i else base
+        try: d.mkdir()  # atomic: two runs started in the same microsecond get different folders
+        except FileExistsError: continue
+        return d
+    raise FileExistsError(f"No free run folder name next to {base}: clean up {base.parent}.")
 
 # %% ../nbs/00_core.ipynb #13baf2ab
 def cache_root() -> Path:
     "Where synthesized data and trained bases are cached: `$MMR_CACHE`, else `~/.cache/mm_research`."
     return Path(os.environ.get("MMR_CACHE") or Path.home()/".cache"/"mm_research")
+
+# %% ../nbs/00_core.ipynb #4be8d4df
+RESUME_ENV = "MMR_RESUME"
+
+def is_resuming() -> bool:
+    "Whether this process continues a killed run (`mmr run --resume` sets `$MMR_RESUME` for the kernel)."
+    return os.environ.get(RESUME_ENV) == "1"
+
+@contextlib.contextmanager
+def resuming(on: bool = True):
+    "Within the block, `is_resuming()` is `on` (here and in the processes started from here)."
+    saved = os.environ.get(RESUME_ENV)
+    os.environ[RESUME_ENV] = "1" if on else "0"
+    try: yield on
+    finally:
+        if saved is None: os.environ.pop(RESUME_ENV, None)
+        else: os.environ[RESUME_ENV] = saved
 
 # %% ../nbs/00_core.ipynb #9eb67010
 def to_jsonable(x):
@@ -274,6 +300,7 @@ class Run:
     dtype: torch.dtype
     seed: int
     params: dict = field(default_factory=dict)
+    resumed: bool = False
 
     def log(self, **metrics) -> dict:
         "Merge `metrics` into this run's metrics.json."
@@ -288,11 +315,12 @@ class Run:
 
 def start_run(notebook: str, run_dir: str | Path | None = None, device: str = "auto", dtype: str = "auto",
               seed: int = 0, params=None, threads: int = 1) -> Run:
-    "A seeded run on the resolved device and dtype; its folder holds `params` (dict or dataclass) and the environment."
+    "A seeded run on the resolved device and dtype; its folder (new or resumed) holds `params` and the environment."
     dev = resolve_device(device)
     pin_threads(threads)
     params = to_jsonable(params) if params is not None else {}
-    run = Run(make_run_dir(notebook, run_dir), dev, resolve_dtype(dtype, dev), seed_everything(seed), params)
+    run = Run(make_run_dir(notebook, run_dir), dev, resolve_dtype(dtype, dev), seed_everything(seed), params,
+              is_resuming())
     save_metrics(run.params, run.dir, "params.json")  # merged with what `mmr run` recorded there
     run.params = load_metrics(run.dir, "params.json")
     atomic_write(run.dir/"environment.json", json.dumps(environment_record(dev), indent=2) + "\n")

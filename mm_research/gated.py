@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_gated.ipynb #cd79d5be
 from __future__ import annotations
-import contextlib, copy
+import contextlib, copy, hashlib
 from pathlib import Path
 import torch
 import torch.nn.functional as F
@@ -12,21 +12,33 @@ from fastcore.basics import patch
 from safetensors.torch import load_file
 from torch import nn
 from .core import accuracy, resolve_device
-from .zoo import load_model
+from .zoo import PRESETS, load_model
 from .inspect import get_role, roles
 from .accounting import param_summary, param_table
 
 # %% auto #0
-__all__ = ['FROZEN_ROLES', 'METHODS', 'OPTIONAL_PARTS', 'DEFAULT_TRAIN_PARTS', 'MODEL_KEYS', 'load_blip2', 'StyleContext',
-           'GatedLinear', 'cross_attention_kv', 'add_style_gates', 'StyleQueryShift', 'StyleGatedBlip2', 'parse_parts',
-           'gate_parameters', 'style_query_parameters', 'parameter_groups', 'apply_freeze_plan', 'parameter_table',
-           'answer_labels', 'ArtVQACollator', 'vqa_loss', 'generate_answer_ids', 'generation_hits', 'exact_match',
-           'cast_language_model', 'build_gated_model']
+__all__ = ['FROZEN_ROLES', 'METHODS', 'OPTIONAL_PARTS', 'DEFAULT_TRAIN_PARTS', 'MODEL_KEYS', 'load_blip2', 'model_fingerprint',
+           'StyleContext', 'GatedLinear', 'cross_attention_kv', 'add_style_gates', 'StyleQueryShift', 'StyleGatedBlip2',
+           'parse_parts', 'gate_parameters', 'style_query_parameters', 'parameter_groups', 'apply_freeze_plan',
+           'parameter_table', 'answer_labels', 'ArtVQACollator', 'vqa_loss', 'generate_answer_ids', 'generation_hits',
+           'exact_match', 'cast_language_model', 'build_gated_model']
 
 # %% ../nbs/32_gated.ipynb #20be1bb7
 def load_blip2(model: str, seed: int = 0) -> nn.Module:
     "BLIP-2 in fp32 on the CPU (the meta device for reference presets) from a preset, checkpoint or hub id."
     return load_model(model, device="cpu", dtype="fp32", seed=seed)
+
+# %% ../nbs/32_gated.ipynb #c15f36a6
+def model_fingerprint(model: str | Path) -> str:
+    "The cache key of `model`: its name for a preset or hub id, 'checkpoint:<sha256>' of a local folder's files."
+    p = Path(str(model)).expanduser()
+    if str(model) in PRESETS or not p.is_dir(): return str(model)
+    h = hashlib.sha256()
+    for f in sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")):
+        h.update(f.relative_to(p).as_posix().encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""): h.update(chunk)
+    return f"checkpoint:{h.hexdigest()[:16]}"
 
 # %% ../nbs/32_gated.ipynb #2310ea50
 class StyleContext:

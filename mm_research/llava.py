@@ -116,11 +116,11 @@ def mode_logits(model, batch: dict, mode: str = "baseline", **kw) -> torch.Tenso
 # %% ../nbs/21_llava.ipynb #02fb8734
 @torch.no_grad()
 def mode_generate(model, batch: dict, mode: str = "baseline", max_new_tokens: int = 2, first_logits: bool = False,
-                  **kw):
-    "Greedy new tokens `(B, max_new_tokens)` of `batch` in `mode` (and the first step's logits if asked)."
+                  to_eos: bool = False, **kw):
+    "Greedy new tokens `(B, <= max_new_tokens)` of `batch` in `mode` (and the first step's logits if asked)."
     inputs = mode_inputs(model, batch, mode, **kw)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                         output_logits=first_logits, return_dict_in_generate=True)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=None if to_eos else max_new_tokens,
+                         do_sample=False, output_logits=first_logits, return_dict_in_generate=True)
     new = out.sequences[:, batch["input_ids"].shape[1]:] if "input_ids" in inputs else out.sequences
     return (new, out.logits[0]) if first_logits else new
 

@@ -18,9 +18,9 @@ from .profiler import MemoryProfiler
 from .zoo import PRESETS, load_model, load_processor
 
 # %% auto #0
-__all__ = ['PHASES', 'PHASE_PARTS', 'REPORT_COLUMNS', 'check_phases', 'check_runnable', 'example_inputs', 'training_labels',
-           'make_optimizer', 'compare', 'profile_text', 'Profile', 'profile', 'phase_parts', 'plot_phases',
-           'memory_report', 'report_text']
+__all__ = ['PHASES', 'PHASE_PARTS', 'REPORT_COLUMNS', 'check_phases', 'check_runnable', 'generic_inputs', 'example_inputs',
+           'training_labels', 'make_optimizer', 'compare', 'profile_text', 'Profile', 'profile', 'phase_parts',
+           'plot_phases', 'memory_report', 'report_text']
 
 # %% ../nbs/09_phase_profile.ipynb #d94ce42b
 PHASES = ("load", "forward", "generate", "train_step")
@@ -39,6 +39,18 @@ def check_runnable(model: nn.Module) -> None:
                          "meta=False)).")
 
 # %% ../nbs/09_phase_profile.ipynb #1316499d
+def generic_inputs(processor, kind: str, images: list, rng) -> dict:
+    "Inputs for a model of another family, by what its processor takes: text, images or audio (the same per row)."
+    from transformers import PreTrainedTokenizerBase
+    from transformers.image_processing_utils import BaseImageProcessor
+    n, pt = len(images), dict(return_tensors="pt")
+    if isinstance(processor, PreTrainedTokenizerBase): return dict(processor(["what is it ?"] * n, **pt))
+    if isinstance(processor, BaseImageProcessor): return dict(processor(images=images, **pt))
+    if sr := getattr(processor, "sampling_rate", None):
+        return dict(processor([rng.standard_normal(sr).astype("float32") * 0.1] * n, sampling_rate=sr, **pt))
+    raise ValueError(f"No example inputs for model type {kind!r} with a {type(processor).__name__}: pass inputs= "
+                     "(a dict of tensors) to profile().")
+
 def example_inputs(processor, config, batch_size: int = 2, seed: int = 0) -> dict:
     "A small batch for `config`'s family made with `processor`: random images / 1 s of noise, a short question."
     rng = np.random.default_rng(seed)
@@ -52,7 +64,7 @@ def example_inputs(processor, config, batch_size: int = 2, seed: int = 0) -> dic
     if kind == "llava": return dict(processor(images=img, text=["<image> what color is it ?"] * batch_size, **kw))
     if kind == "blip-2": return dict(processor(images=img, text=["what style is it ?"] * batch_size, **kw))
     if kind == "efficientnet": return dict(processor(images=img, return_tensors="pt"))
-    raise ValueError(f"No example inputs for model type {kind!r}: pass inputs= (a dict of tensors) to profile().")
+    return generic_inputs(processor, kind, img, rng)
 
 # %% ../nbs/09_phase_profile.ipynb #2f7d9f87
 def training_labels(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -109,6 +121,7 @@ class Profile:
     skipped: dict = field(default_factory=dict)
     baseline_bytes: int = 0
     without_grad: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
 
     @property
     def measured(self) -> dict:
@@ -132,7 +145,8 @@ def to_dict(self: Profile) -> dict:
     "Everything as JSON-ready values (timelines left out)."
     return dict(name=self.name, device=self.device, dtype=self.dtype, params=self.params,
                 phases=self.phase_table(), estimate=self.estimate, comparison=self.comparison(),
-                skipped=self.skipped, baseline_bytes=self.baseline_bytes, without_grad=self.without_grad)
+                skipped=self.skipped, baseline_bytes=self.baseline_bytes, without_grad=self.without_grad,
+                outputs=self.outputs)
 
 @patch
 def text(self: Profile, markdown: bool = False) -> str:
@@ -179,8 +193,8 @@ def _generate_phase(prof: MemoryProfiler, m: nn.Module, inputs: dict, max_new_to
     return {}
 
 # %% ../nbs/09_phase_profile.ipynb #3fc88cab
-def _train_phase(prof: MemoryProfiler, m: nn.Module, inputs: dict, optimizer: str, lr: float) -> dict:
-    "{name: size} of the trainable parameters that got no gradient in the recorded 'train_step' phase."
+def _train_phase(prof: MemoryProfiler, m: nn.Module, inputs: dict, optimizer: str, lr: float) -> tuple[dict, float]:
+    "{name: size} of the trainable parameters that got no gradient in the recorded 'train_step' phase, and the loss."
     params = [p for p in m.parameters() if p.requires_grad]
     if not params: raise ValueError("No trainable parameters for train_step: pass trainable='all' or a regex.")
     opt = make_optimizer(optimizer, params, lr)
@@ -194,7 +208,7 @@ def _train_phase(prof: MemoryProfiler, m: nn.Module, inputs: dict, optimizer: st
         prof.mark("optimizer step")
         opt.step()
     m.eval()
-    return {n: p.numel() for n, p in m.named_parameters() if p.requires_grad and p.grad is None}
+    return {n: p.numel() for n, p in m.named_parameters() if p.requires_grad and p.grad is None}, loss.item()
 
 # %% ../nbs/09_phase_profile.ipynb #921dcf01
 def profile(model: str | Path | nn.Module, phases: Iterable[str] = PHASES, device: str = "auto", dtype: str = "auto",
@@ -204,21 +218,24 @@ def profile(model: str | Path | nn.Module, phases: Iterable[str] = PHASES, devic
     "The memory of load / forward / generate / train_step of a preset, path or model, beside the meta estimate."
     phases, name, dev = check_phases(phases), _check_profilable(model), resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    prof, skipped, without_grad = MemoryProfiler(dev, interval, history or snapshot is not None), {}, {}
+    prof, skipped, without_grad, outs = MemoryProfiler(dev, interval, history or snapshot is not None), {}, {}, {}
     try:
         m = freeze_except(_load_phase(prof, model, dev, dt, seed), trainable)
         inputs = _on(inputs if inputs is not None else _profile_inputs(model, m, processor, batch_size, seed), dev, dt)
         if "forward" in phases:
-            with prof.phase("forward"), torch.no_grad(): m(**inputs)
+            with prof.phase("forward"), torch.no_grad(): out = m(**inputs)
+            if getattr(out, "logits", None) is not None: outs["forward_logits_sum"] = out.logits.double().sum().item()
         if "generate" in phases: skipped = _generate_phase(prof, m, inputs, max_new_tokens)
-        if "train_step" in phases: without_grad = _train_phase(prof, m, inputs, optimizer, lr)
+        if "train_step" in phases:
+            torch.manual_seed(seed)   # dropout's draws: the same loss whatever ran before
+            without_grad, outs["train_loss"] = _train_phase(prof, m, inputs, optimizer, lr)
         if snapshot is not None: prof.save_snapshot(snapshot)
     finally: prof.close()
     twin = freeze_except(load_model(model, meta=True) if not isinstance(model, nn.Module) else m, trainable)
     train = "train_step" in phases
     est = estimate(twin, dtype=dt, optimizer=optimizer if train else None, trainable=None if train else "none")
     return Profile(name, str(dev), str(dt).removeprefix("torch."), param_summary(m), prof.records, est, skipped,
-                   prof.baseline_bytes, without_grad)
+                   prof.baseline_bytes, without_grad, outs)
 
 # %% ../nbs/09_phase_profile.ipynb #3b9444e5
 PHASE_PARTS = ("weights + buffers", "gradients", "optimizer states", "other retained", "transient (peak - end)")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import itertools, math
 
 # %% auto #0
-__all__ = ['METRICS', 'candidate_ids', 'answer_hits', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy', 'seed_rates',
-           'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
+__all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'answer_hits', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy',
+           'seed_rates', 'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
            'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image', 'pooled_image', 'kept_tokens_figure']
 
 # %% ../nbs/25_prune_eval.ipynb #88b4f9db
@@ -18,27 +18,33 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .core import accuracy, render_table
-from .llava import mode_logits
+from .llava import mode_inputs
 from .pruners import (PRUNERS, SETTINGS, apply_selection, check_pruner, keep_count, parse_setting,
                                  pool_grid, pruner_scores, select_tokens, vision_pass)
 from .scorer import PROMPT_KEYS
 from .stats import fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
+from .vqa import candidate_picks, candidate_tokens, with_answers
 
 # %% ../nbs/25_prune_eval.ipynb #3ec40568
 METRICS = ("exact", "likelihood")
+ANSWER_KEYS = ("answer_tokens", "answer_mask")
 
 def candidate_ids(tokenizer, answers_by_type: dict | None) -> dict:
-    "Token ids of each question type's candidate answers."
-    return {t: torch.tensor(tokenizer.convert_tokens_to_ids(list(a))) for t, a in (answers_by_type or {}).items()}
+    "Each question type's candidate answers as (tokens + eos, mask): `mm_research.vqa.candidate_tokens`."
+    return candidate_tokens(tokenizer, answers_by_type)
 
 # %% ../nbs/25_prune_eval.ipynb #d9b725a6
-def answer_hits(last_logits: torch.Tensor, answer_ids: torch.Tensor, types: list,
-                candidates: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    "Boolean hits `(B,)`: exact (argmax over the vocabulary) and likelihood (argmax over the type's candidates)."
-    exact = (last_logits.argmax(-1) == answer_ids).cpu()
-    picked = [ids[row[ids.to(row.device)].argmax()] if (ids := candidates.get(t)) is not None else row.argmax()
-              for row, t in zip(last_logits, types)]
-    return exact, torch.tensor([int(p) for p in picked]) == answer_ids.cpu()
+@torch.no_grad()
+def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    "Hits `(B,)` of prompt kwargs `inputs`: exact (greedy decoding gives the answer), likelihood (likeliest candidate)."
+    lab, mask = batch["answer_tokens"], batch["answer_mask"]
+    logits = model(**with_answers(model, inputs, lab), logits_to_keep=lab.shape[1] + 1).logits.float()
+    exact = ((logits[:, :-1].argmax(-1) == lab) | (mask == 0)).all(1).cpu()
+    picks = candidate_picks(model, inputs, logits[:, 0], types, candidates)
+    answer = lambda i: lab[i][mask[i] == 1].tolist()
+    pick = lambda t, k: candidates[t][0][k][candidates[t][1][k] == 1].tolist()
+    like = [bool(exact[i]) if k < 0 else pick(t, k) == answer(i) for i, (t, k) in enumerate(zip(types, picks))]
+    return exact, torch.tensor(like)
 
 # %% ../nbs/25_prune_eval.ipynb #a0638729
 @torch.no_grad()
@@ -46,15 +52,15 @@ def batch_hits(model, batch: dict, types: list, pruners=PRUNERS, keep_ratios=(1.
                settings=SETTINGS, scorer=None, candidates: dict | None = None, generator=None,
                fastv_layer: int = 2) -> dict:
     "Hits (exact, likelihood) of one batch: under 'baseline' and under each (setting, pruner, keep ratio)."
-    ids, candidates = batch["answer_ids"], candidates or {}
-    out = {"baseline": answer_hits(mode_logits(model, batch, "baseline")[:, -1], ids, types, candidates)}
+    candidates = candidates or {}
+    out = {"baseline": answer_hits(model, mode_inputs(model, batch, "baseline"), batch, types, candidates)}
     vp = vision_pass(model, batch["pixel_values"], cls_attention="cls" in pruners)
     scores = {p: pruner_scores(model, batch, p, vp, scorer, generator, fastv_layer) for p in pruners}
     for p, r in itertools.product(pruners, keep_ratios):
         sel = select_tokens(model, batch, p, r, vp=vp, scores=scores[p])
         for st in settings:
-            lg = model(**apply_selection(model, batch, sel, *parse_setting(st)), logits_to_keep=1).logits[:, -1]
-            out[st, p, r] = answer_hits(lg, ids, types, candidates)
+            out[st, p, r] = answer_hits(model, apply_selection(model, batch, sel, *parse_setting(st)), batch, types,
+                                        candidates)
     return out
 
 # %% ../nbs/25_prune_eval.ipynb #fe6e914c
@@ -68,7 +74,7 @@ def sweep_hits(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 
     dev, n = next(model.parameters()).device, len(data["answer_ids"])
     types, parts = data.get("types", ["all"] * n), {}
     for i, s in enumerate(tqdm(range(0, n, batch_size), disable=not progress, desc="sweep")):
-        b = {k: data[k][s:s + batch_size].to(dev) for k in PROMPT_KEYS}
+        b = {k: data[k][s:s + batch_size].to(dev) for k in PROMPT_KEYS + ANSWER_KEYS}
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         hits = batch_hits(model, b, types[s:s + batch_size], pruners, keep_ratios, settings, scorer, candidates, g,
                           fastv_layer)

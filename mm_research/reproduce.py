@@ -6,9 +6,9 @@
 from __future__ import annotations
 import json, os, shutil, tempfile, time
 from pathlib import Path
-from .core import (atomic_write, current_umask, environment_record, load_metrics, runs_root, timestamp,
-                              to_jsonable)
-from .runner import (NotebookFailed, _prepared, find_notebook, load_param_files, run_notebook,
+from .core import (atomic_write, current_umask, environment_record, load_metrics, make_run_dir,
+                              runs_root, to_jsonable)
+from .runner import (NotebookFailed, _prepared, _writable, find_notebook, load_param_files, run_notebook,
                                 runnable_notebooks)
 
 # %% auto #0
@@ -115,9 +115,12 @@ def reproduce(device: str | None = None, param_files: list | None = None, only: 
     notebooks = runnable_notebooks(folder)
     if only: notebooks = {find_notebook(n, folder).stem: find_notebook(n, folder) for n in only}
     per_nb = load_param_files(param_files or [], runnable_notebooks(folder))
-    for nb in notebooks: _prepared(notebooks[nb], per_nb.get(nb), device)
-    out = Path(root) if root else runs_root()/"reproduce"/timestamp()
-    out.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        if "run_dir" in per_nb.get(nb, {}):
+            raise ValueError(f"{nb}: run_dir is set by mmr reproduce (one folder per experiment under --out): "
+                             "remove it from the parameter file.")
+        _prepared(notebooks[nb], per_nb.get(nb), device)
+    with _writable(Path(root) if root else runs_root()/"reproduce"): out = make_run_dir("reproduce", root)
     done = []
     for name in (bar := tqdm(list(notebooks), desc="reproduce", unit="experiment")):
         bar.set_postfix_str(name)

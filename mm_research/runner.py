@@ -4,14 +4,18 @@
 
 # %% ../nbs/90_runner.ipynb #07793153
 from __future__ import annotations
-import ast, difflib, json, os
+import ast, contextlib, difflib, fcntl, importlib, json, os, re
 from pathlib import Path
+from typing import Callable
 import yaml
-from .core import atomic_write, environment_record, project_root, runs_root, timestamp, to_jsonable
+from .core import (atomic_write, environment_record, make_run_dir, project_root, resuming, runs_root,
+                              to_jsonable)
 
 # %% auto #0
-__all__ = ['experiments_dir', 'notebook_parameters', 'runnable_notebooks', 'find_notebook', 'parse_literal', 'coerce_value',
-           'validate_parameters', 'read_param_file', 'load_param_files', 'NotebookFailed', 'run_notebook']
+__all__ = ['AT_LEAST_0', 'AT_LEAST_1', 'POSITIVE', 'PARAMETER_CHECKS', 'PATTERN_CHECKS', 'FREE_FORM', 'RUN_MARKER',
+           'experiments_dir', 'notebook_parameters', 'runnable_notebooks', 'find_notebook', 'parse_literal',
+           'coerce_value', 'parameter_check', 'check_parameter', 'validate_parameters', 'read_param_file',
+           'load_param_files', 'NotebookFailed', 'claim_run_dir', 'run_owner', 'resumed_params', 'run_notebook']
 
 # %% ../nbs/90_runner.ipynb #beb08a4b
 def experiments_dir() -> Path:
@@ -78,9 +82,109 @@ def coerce_value(name: str, value, spec: dict):
         raise TypeError(f"Parameter {name!r} expects {typ} (default {spec['default']!r}), got {raw!r}.")
     return float(value) if typ == "float" else tuple(value) if typ == "tuple" else value
 
+# %% ../nbs/90_runner.ipynb #f692fb1f
+def _lazy(module: str, name: str) -> Callable:
+    "A function giving `mm_research.<module>.<name>`, imported when called: the table loads no model code."
+    return lambda: getattr(importlib.import_module(f"mm_research.{module}"), name)
+
+def _in_range(test: Callable, text: str) -> Callable:
+    "Check: `test(value)` holds."
+    return lambda v: None if test(v) else f"is out of range: give a value {text}"
+
+def _one_of(get: Callable, extra: tuple = ()) -> Callable:
+    "Check: the value is one of `extra` or of `get()` (a library constant)."
+    def check(v):
+        ok = [*extra, *get()]
+        return None if v in ok else f"is not a known choice: give one of {', '.join(map(str, ok))}"
+    return check
+
+# %% ../nbs/90_runner.ipynb #f796e911
+def _items(get: Callable, empty_ok: bool = False) -> Callable:
+    "Check: a comma-separated string (or a list) whose items are all in `get()`."
+    def check(v):
+        ok = list(get())
+        items = [str(s).strip() for s in (v.split(",") if isinstance(v, str) else v) if str(s).strip()]
+        if bad := [s for s in items if s not in ok]:
+            return f"has unknown item(s) {', '.join(bad)}: use items of {', '.join(ok)}"
+        return None if items or empty_ok else f"is empty: give at least one of {', '.join(ok)}"
+    return check
+
+def _list_of(item: Callable, what: str, example: str) -> Callable:
+    "Check: a non-empty list whose items all pass `item`."
+    def check(v):
+        if not isinstance(v, (list, tuple)) or not v: return f"must be a non-empty list of {what}: e.g. {example}"
+        bad = [x for x in v if not item(x)]
+        return f"has item(s) {bad} that are not {what}: e.g. {example}" if bad else None
+    return check
+
+def _raises(get: Callable) -> Callable:
+    "Check: library function `get()` accepts the value (its error is the message)."
+    def check(v):
+        try: get()(v)
+        except (ValueError, TypeError) as e: return f"is refused: {e}"
+    return check
+
+# %% ../nbs/90_runner.ipynb #18608857
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+def _existing_path(v) -> str | None:
+    "Check: None or a path that exists."
+    ok = v is None or Path(str(v)).expanduser().exists()
+    return None if ok else "does not exist: give an existing path (or None)"
+
+def _model(v) -> str | None:
+    "Check: a preset, an existing checkpoint folder or a hub id `owner/name` (None: the experiment's own choice)."
+    presets = _lazy("zoo", "PRESETS")()
+    if v is None or v in presets or Path(str(v)).expanduser().exists() or _HUB_ID.fullmatch(str(v)): return None
+    close = difflib.get_close_matches(str(v), presets, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"is no preset, existing path or hub id{hint}: give one of {', '.join(presets)}, a folder or owner/name"
+
+# %% ../nbs/90_runner.ipynb #84995caf
+_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+AT_LEAST_0, AT_LEAST_1 = _in_range(lambda v: v >= 0, ">= 0"), _in_range(lambda v: v >= 1, ">= 1")
+POSITIVE = _in_range(lambda v: v > 0, "> 0")
+_DTYPE = _one_of(_lazy("core", "DTYPES"), ("auto",))
+_TINY = lambda: [n for n, p in _lazy("zoo", "PRESETS")().items() if not p.reference]
+
+PARAMETER_CHECKS = {
+    "device": _raises(_lazy("core", "resolve_device")), "model": _model, "style_model": _model,
+    "data_dir": _existing_path, "style_checkpoint": _existing_path, "tiny_presets": _items(_TINY),
+    "pruner": _one_of(_lazy("pruners", "KNOWN_PRUNERS"), ("all",)), "modes": _items(_lazy("speech", "TRAIN_MODES")),
+    "strategy": _one_of(_lazy("speech", "STRATEGIES"), ("auto",)), "targets": _items(_lazy("lora", "KIND_NAMES")),
+    "train_parts": _raises(_lazy("gated", "parse_parts")), "phases": _items(_lazy("phase_profile", "PHASES")),
+    "optimizer": _one_of(lambda: [k for k in _lazy("estimates", "OPTIMIZER_STATES")() if k]),
+    "dtype": _DTYPE, "trainable_dtype": _DTYPE, "position_policy": _one_of(_lazy("pruners", "POSITION_POLICIES")),
+    "train_mode": _one_of(_lazy("pruners", "APPLY_MODES")), "question_pool": _one_of(_lazy("scorer", "QUESTION_POOLS")),
+    "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _int(x) and x >= 0, "ints >= 0", "[0, 1, 2]"),
+    "lrs": _list_of(lambda x: _num(x) and x > 0, "numbers > 0", "[0.001, 0.01]"),
+    "keep_ratios": _list_of(lambda x: _num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
+    "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "val_fraction": _in_range(lambda v: 0 < v < 1, "in (0, 1)"), "max_train": AT_LEAST_0, "fastv_layer": AT_LEAST_0,
+    **dict.fromkeys(("threads", "grad_accum", "lora_rank", "lora_alpha", "repeats", "new_tokens", "max_new_tokens",
+                     "speed_reps", "image_size", "style_image_size"), AT_LEAST_1)}
+PATTERN_CHECKS = ((re.compile(r"n_\w+"), AT_LEAST_1), (re.compile(r"(\w+_)?epochs"), AT_LEAST_0),
+                  (re.compile(r"(\w+_)?batch_size"), AT_LEAST_1), (re.compile(r"(\w+_)?lr"), POSITIVE))
+FREE_FORM = ("run_dir", "cache_dir", "config_overrides")  # run_dir: the runner's; the others: any value
+
+# %% ../nbs/90_runner.ipynb #5fe9ae1c
+def parameter_check(name: str) -> Callable | None:
+    "The check of parameter `name`: its table entry, else its pattern's, else None (free-form)."
+    if name in PARAMETER_CHECKS: return PARAMETER_CHECKS[name]
+    return next((c for pattern, c in PATTERN_CHECKS if pattern.fullmatch(name)), None)
+
+def check_parameter(experiment: str, name: str, value) -> None:
+    "A one-line ValueError naming `experiment`, `name`, `value` and the fix when `value` is no valid `name`."
+    check = parameter_check(name)
+    if check is None: return
+    try: problem = check(value)
+    except TypeError: problem = f"has the wrong type ({type(value).__name__}): see `mmr list` for its type"
+    if problem: raise ValueError(f"{experiment}: {name}={value!r} {problem}.")
+
 # %% ../nbs/90_runner.ipynb #c766b05f
 def validate_parameters(notebook: Path, given: dict, spec: dict | None = None) -> dict:
-    "`given` checked against `notebook`'s parameters (`spec`): unknown names and wrong types are errors."
+    "`given` checked against `notebook`'s parameters (`spec`): unknown names, wrong types and bad values are errors."
     spec = spec or notebook_parameters(notebook)
     out = {}
     for name, value in given.items():
@@ -88,7 +192,9 @@ def validate_parameters(notebook: Path, given: dict, spec: dict | None = None) -
             close = difflib.get_close_matches(name, spec, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"{notebook.stem} has no parameter {name!r}.{hint} Its parameters: {', '.join(spec)}.")
-        out[name] = coerce_value(name, value, spec[name])
+        try: out[name] = coerce_value(name, value, spec[name])
+        except TypeError as e: raise TypeError(f"{notebook.stem}: {e}") from None
+        check_parameter(notebook.stem, name, out[name])
     return out
 
 # %% ../nbs/90_runner.ipynb #67c98f3c
@@ -130,35 +236,106 @@ def _failure(nb: Path, e, output: Path) -> NotebookFailed:
 
 def _prepared(nb: Path, params: dict | None, device: str | None) -> tuple[dict, dict]:
     "`(spec, validated params)` of experiment `nb`, the device checked on this machine."
-    from mm_research.core import resolve_device
     spec, params = notebook_parameters(nb), dict(params or {})
     if device is not None: params["device"] = device
-    params = validate_parameters(nb, params, spec)
-    if "device" in params: resolve_device(params["device"])
-    return spec, params
+    return spec, validate_parameters(nb, params, spec)
+
+# %% ../nbs/90_runner.ipynb #fe53ea41
+RUN_MARKER = ".mmr_run.json"
+
+def _unwritable(d: Path, e: OSError) -> ValueError:
+    return ValueError(f"Cannot write the run folder {d} ({e.strerror or e}): give a writable --run-dir "
+                      "or set MMR_RUNS to a writable folder.")
+
+@contextlib.contextmanager
+def _writable(d: Path):
+    "Turn an OSError while making run folder `d` into a one-line ValueError."
+    try: yield d
+    except OSError as e: raise _unwritable(d, e) from None
+
+def claim_run_dir(stem: str, run_dir: str | Path | None = None) -> Path:
+    "A new run folder of experiment `stem`, claimed atomically: `run_dir` (absent or empty), else a fresh one."
+    d = Path(run_dir) if run_dir else None
+    if d is not None and d.is_dir() and any(d.iterdir()):
+        raise FileExistsError(f"Run folder {d} already holds a run: continue it with `mmr run {stem} --resume {d}` "
+                              "or give a new --run-dir (nothing was changed).")
+    with _writable(d or runs_root()/stem): d = make_run_dir(stem, d)
+    try: fd = os.open(d/RUN_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        raise FileExistsError(f"Run folder {d} was just claimed by another `mmr run`: give a new --run-dir.") from None
+    except OSError as e: raise _unwritable(d, e) from None
+    with os.fdopen(fd, "w") as f: json.dump({"notebook": stem}, f)
+    return d.resolve()
+
+# %% ../nbs/90_runner.ipynb #05795cd0
+def run_owner(d: Path) -> str | None:
+    "The experiment that ran in folder `d`: its marker's, else its only executed notebook's, else None."
+    text = (d/RUN_MARKER).read_text().strip() if (d/RUN_MARKER).exists() else ""
+    if text: return json.loads(text).get("notebook")
+    ipynbs = list(d.glob("*.ipynb"))
+    return ipynbs[0].stem if len(ipynbs) == 1 else None
+
+@contextlib.contextmanager
+def _run_lock(d: Path):
+    "Hold the lock of run folder `d` while its kernel runs; a second `mmr` on it is refused."
+    with _writable(d), open(d/RUN_MARKER, "a") as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"Run folder {d} is being run by another `mmr` right now: wait for it.") from None
+        try: yield d
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/90_runner.ipynb #402571fd
+def resumed_params(nb: Path, spec: dict, given: dict, folder: str | Path) -> tuple[Path, dict]:
+    "`(folder, its recorded parameters)` of a killed run of `nb`; `given` values must equal the recorded ones."
+    d = Path(folder).resolve()
+    if not (d/"params.json").exists():
+        raise ValueError(f"{nb.stem}: cannot resume {d}: it has no params.json, so it is no run folder: give the "
+                         "folder `mmr run` printed.")
+    if (owner := run_owner(d)) != nb.stem:
+        fix = f"use `mmr run {owner} --resume {d}`" if owner else "give a run folder of this experiment"
+        raise ValueError(f"{nb.stem}: cannot resume {d}: it holds a run of {owner or 'no known experiment'}: {fix}.")
+    recorded = json.loads((d/"params.json").read_text())
+    for k, v in given.items():
+        was = recorded.get(k, spec[k]["default"] if k in spec else None)
+        if k != "run_dir" and to_jsonable(v) != to_jsonable(was):
+            raise ValueError(f"{nb.stem}: --resume keeps the recorded parameters and {d/'params.json'} has "
+                             f"{k}={was!r}, not {v!r}: drop that value (or start a new run).")
+    params = validate_parameters(nb, {k: v for k, v in recorded.items() if k != "run_dir"}, spec)
+    if not (d/RUN_MARKER).exists(): atomic_write(d/RUN_MARKER, json.dumps({"notebook": nb.stem}))  # an older run
+    return d, params
 
 # %% ../nbs/90_runner.ipynb #b18b2f91
+def _run_dir_param(nb: Path, params: dict, run_dir) -> str | Path | None:
+    "The run folder asked for: `run_dir`, or the `run_dir` parameter (`-p run_dir X` means `--run-dir X`)."
+    given = params.pop("run_dir", None)
+    if run_dir and given and Path(run_dir).resolve() != Path(given).resolve():
+        raise ValueError(f"{nb.stem}: two run folders given, --run-dir {run_dir} and run_dir={given!r}: give one.")
+    return run_dir or given
+
 def run_notebook(name: str, params: dict | None = None, device: str | None = None, run_dir: str | Path | None = None,
-                 folder: str | Path | None = None, progress: bool = True) -> Path:
-    "Execute experiment `name` with `params` into its run folder; returns the folder."
+                 folder: str | Path | None = None, progress: bool = True, resume: str | Path | None = None) -> Path:
+    "Execute experiment `name` with `params` into a new run folder (or continue run folder `resume`); the folder."
     import papermill as pm
     nb = find_notebook(name, folder)
     spec, params = _prepared(nb, params, device)
-    out_dir = Path(run_dir) if run_dir else runs_root()/nb.stem/timestamp()
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"Run folder {out_dir} already holds a run: give a new --run-dir (nothing was changed).")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = out_dir.resolve()
+    run_dir = _run_dir_param(nb, params, run_dir)
+    if resume is not None:
+        if run_dir and Path(run_dir).resolve() != Path(resume).resolve():
+            raise ValueError(f"{nb.stem}: --resume {resume} runs in that folder: drop --run-dir {run_dir}.")
+        out_dir, params = resumed_params(nb, spec, params, resume)
+    else: out_dir = claim_run_dir(nb.stem, run_dir)
     if "run_dir" in spec: params["run_dir"] = str(out_dir)
     full = {k: v["default"] for k, v in spec.items()} | params
-    atomic_write(out_dir/"params.json", json.dumps(to_jsonable(full), indent=2) + "\n")
+    if resume is None: atomic_write(out_dir/"params.json", json.dumps(to_jsonable(full), indent=2) + "\n")
     output = out_dir/nb.name
-    try:
-        pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(out_dir),
-                            progress_bar=progress)
-    except pm.PapermillExecutionError as e: raise _failure(nb, e, output) from None
-    finally:
-        if not (out_dir/"environment.json").exists():
-            env = environment_record(params.get("device", "auto"))
-            atomic_write(out_dir/"environment.json", json.dumps(env, indent=2) + "\n")
+    with _run_lock(out_dir), resuming(resume is not None):
+        try:
+            pm.execute_notebook(str(nb), str(output), parameters=params, kernel_name="python3", cwd=str(out_dir),
+                                progress_bar=progress)
+        except pm.PapermillExecutionError as e: raise _failure(nb, e, output) from None
+        finally:
+            if not (out_dir/"environment.json").exists():
+                env = environment_record(params.get("device", "auto"))
+                atomic_write(out_dir/"environment.json", json.dumps(env, indent=2) + "\n")
     return out_dir

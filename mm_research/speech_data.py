@@ -4,17 +4,17 @@
 
 # %% ../nbs/10_speech_data.ipynb #10e2f013
 from __future__ import annotations
-import csv, hashlib, json, shutil, subprocess, sys, tempfile
+import csv, hashlib, json, re, shutil, subprocess, sys, tempfile
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 from .core import cache_root
 
 # %% auto #0
-__all__ = ['COMMAND_WORDS', 'VOICE_SPLITS', 'SAMPLE_RATE', 'ESPEAK_HELPER', 'SpokenCommandsConfig', 'espeak_paths',
-           'espeak_version', 'espeak_voices', 'check_voice', 'espeak_synthesize', 'resample', 'clip_seed',
-           'finish_clip', 'AudioClips', 'read_wav', 'write_wav', 'load_audio_folder', 'check_splits',
-           'build_spoken_commands', 'spoken_commands']
+__all__ = ['COMMAND_WORDS', 'VOICE_SPLITS', 'SAMPLE_RATE', 'ESPEAK_HELPER', 'SPLIT_ALIASES', 'SpokenCommandsConfig',
+           'espeak_paths', 'espeak_version', 'espeak_voices', 'check_voice', 'espeak_synthesize', 'resample',
+           'clip_seed', 'finish_clip', 'AudioClips', 'read_wav', 'write_wav', 'load_audio_folder',
+           'speech_commands_split', 'load_speech_dataset', 'check_splits', 'build_spoken_commands', 'spoken_commands']
 
 # %% ../nbs/10_speech_data.ipynb #606efc47
 COMMAND_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -210,25 +210,22 @@ def _listing(kind: str, items: list, n: int = 5) -> str:
 def _csv_items(root: Path) -> list[tuple]:
     with open(root, newline="") as f: rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):
-        raise ValueError(f"{root} must be a CSV with a header that has 'path' and 'label' columns, e.g.\n"
-                         "path,label\nclips/a.wav,yes")
+        raise ValueError(f"{root} must be a CSV with a header that has 'path' and 'label' columns "
+                         "(optional: split, speaker), e.g. a first line 'path,label' then 'clips/a.wav,yes'.")
     return [((root.parent/r["path"]).resolve(), r["label"], {k: v for k, v in r.items() if k not in ("path", "label")})
             for r in rows]
 
 def _folder_items(root: Path) -> list[tuple]:
-    items = [(p, d.name, {}) for d in sorted(root.iterdir()) if d.is_dir() for p in sorted(d.glob("*.wav"))]
+    items = [(p, d.name, {}) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(("_", "."))
+             for p in sorted(d.glob("*.wav"))]
     if not items:
-        raise ValueError(f"{root} has no <label>/<clip>.wav files: expected one sub-folder of .wav files per label.")
+        raise ValueError(f"{root} has no <label>/<clip>.wav files: expected one sub-folder of .wav files per label "
+                         "(folders starting with '_' are skipped), or pass a CSV manifest of path,label.")
     return items
 
 # %% ../nbs/10_speech_data.ipynb #5d0024
-def load_audio_folder(root: str | Path, labels: list[str] | None = None, sample_rate: int = SAMPLE_RATE) -> AudioClips:
-    "Clips from a folder-per-label tree of .wav files or a CSV of `path,label` (relative to the CSV)."
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise FileNotFoundError(f"{root} does not exist: pass a folder with one sub-folder per label, "
-                                "or a CSV of path,label.")
-    items = _csv_items(root) if root.is_file() else _folder_items(root)
+def _read_items(root: Path, items: list[tuple], labels: list[str] | None, sample_rate: int) -> AudioClips:
+    "The clips of `items` `(path, label, meta)`, after checking every file exists, is readable and has a known label."
     missing = [str(p) for p, _, _ in items if not p.is_file()]
     if missing: raise FileNotFoundError(f"{root}: {_listing('missing audio file(s)', missing)}")
     labels = list(labels) if labels is not None else sorted({lab for _, lab, _ in items})
@@ -241,6 +238,81 @@ def load_audio_folder(root: str | Path, labels: list[str] | None = None, sample_
     if bad: raise ValueError(f"{root}: {_listing('unreadable audio file(s)', bad, 3)}")
     return AudioClips(audio, [labels.index(lab) for _, lab, _ in items], labels, [p for p, _, _ in items],
                       [m for _, _, m in items])
+
+def load_audio_folder(root: str | Path, labels: list[str] | None = None, sample_rate: int = SAMPLE_RATE) -> AudioClips:
+    "Clips from a folder-per-label tree of .wav files or a CSV of `path,label` (relative to the CSV)."
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist: pass a folder with one sub-folder per label, "
+                                "or a CSV of path,label.")
+    return _read_items(root, _csv_items(root) if root.is_file() else _folder_items(root), labels, sample_rate)
+
+# %% ../nbs/10_speech_data.ipynb #f2a8dfa4
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+def speech_commands_split(path: str | Path, val_percent: float = 10, test_percent: float = 10) -> str:
+    "'train', 'val' or 'test' for the clip at `path`, by Speech Commands' hash of its name up to '_nohash_'."
+    speaker = re.sub(r"_nohash_.*$", "", Path(path).name)
+    h = int(hashlib.sha1(speaker.encode()).hexdigest(), 16) % 2**27 * (100.0 / (2**27 - 1))
+    return "val" if h < val_percent else "test" if h < val_percent + test_percent else "train"
+
+# %% ../nbs/10_speech_data.ipynb #0a364443
+def _speaker(p: Path, meta: dict) -> str:
+    return meta.get("speaker") or re.sub(r"_nohash_.*$", "", p.name)
+
+def _csv_splits(root: Path) -> list[tuple]:
+    "(path, label, meta with 'split' and 'speaker') of the manifest `root`."
+    items = []
+    for p, lab, m in _csv_items(root):
+        s = (m.get("split") or "").strip().lower()
+        if s and s not in SPLIT_ALIASES:
+            raise ValueError(f"{root}: split {m['split']!r} of {p.name} is not one of train, val (validation), test.")
+        split = SPLIT_ALIASES.get(s) or speech_commands_split(p)
+        items.append((p, lab, {**m, "split": split, "speaker": _speaker(p, m)}))
+    return items
+
+# %% ../nbs/10_speech_data.ipynb #758c7ee5
+def _read_list(root: Path, name: str, present: set[str]) -> set[str]:
+    "The `label/file.wav` entries of list `name` in `root`, each checked to name a clip of the folder."
+    entries = {ln.strip().replace("\\", "/") for ln in (root/name).read_text().splitlines() if ln.strip()}
+    if unknown := sorted(entries - present):
+        raise ValueError(f"{root/name}: {_listing('entries naming no label-folder clip', unknown)}")
+    return entries
+
+def _folder_splits(root: Path) -> list[tuple]:
+    "(path, label, meta with 'split' and 'speaker') of the Speech Commands-style folder `root`."
+    items = _folder_items(root)
+    rel = {f"{lab}/{p.name}": p for p, lab, _ in items}
+    has = [n for n in ("validation_list.txt", "testing_list.txt") if (root/n).is_file()]
+    if len(has) == 1:
+        raise ValueError(f"{root} has {has[0]} but not the other list: give both validation_list.txt and "
+                         "testing_list.txt (as Speech Commands v2 does), or neither (split by file-name hash).")
+    val, test = (_read_list(root, n, set(rel)) for n in has) if has else (None, None)
+    split = lambda k, p: (speech_commands_split(p) if val is None else
+                          "val" if k in val else "test" if k in test else "train")
+    return [(p, lab, {"split": split(f"{lab}/{p.name}", p), "speaker": _speaker(p, {})}) for p, lab, _ in items]
+
+# %% ../nbs/10_speech_data.ipynb #89fa8bf3
+def load_speech_dataset(root: str | Path, sample_rate: int = SAMPLE_RATE) -> dict[str, AudioClips]:
+    "`{'train', 'val', 'test'}` clips of a Speech Commands-style folder or a CSV manifest, only read."
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data_dir {root} does not exist: pass a folder of label sub-folders of .wav files "
+                                "(Speech Commands layout) or a CSV manifest of path,label[,split].")
+    if root.is_file() and root.suffix.lower() != ".csv":
+        raise ValueError(f"data_dir {root} is a file but not a .csv: pass a CSV manifest of path,label[,split] "
+                         "or a folder of label sub-folders of .wav files.")
+    items = _csv_splits(root) if root.is_file() else _folder_splits(root)
+    by = {s: [it for it in items if it[2]["split"] == s] for s in ("train", "val", "test")}
+    if empty := [s for s, its in by.items() if not its]:
+        raise ValueError(f"{root}: no clips in split(s) {empty} of {len(items)}: every split needs clips "
+                         "(Speech Commands lists, a CSV split column, or enough speakers for the hash split).")
+    labels = sorted({lab for _, lab, _ in by["train"]})
+    unseen = sorted({lab for s in ("val", "test") for _, lab, _ in by[s]} - set(labels))
+    if unseen: raise ValueError(f"{root}: labels {unseen[:5]} are in val/test but never in train: the keyword head "
+                                "only learns training labels; add training clips for them or drop them.")
+    return {s: _read_items(root, its, labels, sample_rate) for s, its in by.items()}
 
 # %% ../nbs/10_speech_data.ipynb #947d0856
 def check_splits(cfg: SpokenCommandsConfig) -> list[tuple]:

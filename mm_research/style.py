@@ -12,37 +12,45 @@ from PIL import Image
 from torch import nn
 from safetensors.torch import load_file
 from .core import atomic_write, resolve_device, save_safetensors
-from .zoo import build_model, load_config, load_processor, PRESETS
+from .zoo import build_model, load_config, load_processor, model_class_for, PRESETS
 from .art_data import ART_STYLES, ArtQuestDataset
 from .train import eval_accuracy, fit, load_trainable
 
 # %% auto #0
 __all__ = ['HEAD_KEY', 'LEGACY_SUFFIXES', 'torch_batchnorm', 'build_style_encoder', 'recalibrate_batchnorm', 'save_style_encoder',
            'read_legacy_state_dict', 'read_checkpoint', 'class_count', 'style_config', 'load_style_encoder',
-           'style_images', 'StyleImages', 'style_collate', 'style_loaders', 'style_processor', 'train_style_encoder']
+           'style_images', 'StyleImages', 'style_collate', 'style_loaders', 'style_processor', 'style_labels',
+           'train_style_encoder']
 
 # %% ../nbs/31_style.ipynb #a087e9d6
-def torch_batchnorm(model: nn.Module) -> nn.Module:
-    "`model` with every BatchNorm2d at scale 1, shift 0 and torch's momentum 0.1."
+def torch_batchnorm(model: nn.Module, reset: bool = True) -> nn.Module:
+    "`model` with torch's momentum 0.1 on every BatchNorm2d and, when `reset` (fresh weights), scale 1 and shift 0."
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)  # transformers draws BN scales like weights (std 0.02)
-            nn.init.zeros_(m.bias)
+            if reset:
+                nn.init.ones_(m.weight)  # transformers draws BN scales like weights (std 0.02)
+                nn.init.zeros_(m.bias)
             m.momentum = 0.1  # the config's 0.99 is TensorFlow's convention: in torch it keeps only the last batch
     return model
 
 # %% ../nbs/31_style.ipynb #6d55ccc2
 def build_style_encoder(model: str = "tiny-efficientnet", labels=ART_STYLES, seed: int = 0, meta: bool | None = None):
-    "An EfficientNet style classifier from preset/config `model` with one output per style in `labels`."
-    config = load_config(model)
+    "An EfficientNet classifier of the styles `labels` from a preset (seeded weights) or a checkpoint (its weights)."
+    config, name = load_config(model), str(model)
     if config.model_type != "efficientnet":
         raise ValueError(f"The style encoder must be an EfficientNet, got {config.model_type!r} from {model!r}.")
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
-    meta = PRESETS[model].reference if meta is None and model in PRESETS else bool(meta)
-    enc = build_model(config, meta=meta, seed=seed)
-    return enc if meta else torch_batchnorm(enc)
+    labels = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                  label2id={s: i for i, s in enumerate(labels)})
+    meta = PRESETS[name].reference if meta is None and name in PRESETS else bool(meta)
+    if meta or name in PRESETS or Path(name).is_file():
+        for k, v in labels.items(): setattr(config, k, v)
+        enc = build_model(config, meta=meta, seed=seed)
+        return enc if meta else torch_batchnorm(enc)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)   # a head of another size than the checkpoint's is drawn from the seed
+        enc = model_class_for(config).from_pretrained(name, ignore_mismatched_sizes=True, id2label=labels["id2label"],
+                                                      label2id=labels["label2id"]).eval()
+    return torch_batchnorm(enc, reset=False)  # a checkpoint's BatchNorm weights are kept
 
 # %% ../nbs/31_style.ipynb #98922507
 def recalibrate_batchnorm(model: nn.Module, dl) -> nn.Module:
@@ -207,13 +215,16 @@ def style_processor(model: str, image_size: int):
     return proc
 
 # %% ../nbs/31_style.ipynb #ee93fe53
+def style_labels(data_root) -> list[str]:
+    "The styles of the training images of `data_root` (folder or splits): `ART_STYLES`' order, then others sorted."
+    found = {s for _, s in style_images(data_root, "train")}
+    return [s for s in ART_STYLES if s in found] + sorted(found - set(ART_STYLES))
+
 def train_style_encoder(data_root: str | Path, out_dir: str | Path, model: str = "tiny-efficientnet", epochs: int = 3,
                         batch_size: int = 16, lr: float = 3e-3, device: str = "auto", seed: int = 0,
                         image_size: int | None = None) -> tuple[Path, dict]:
     "(folder, best epoch's record) of a style classifier trained on `data_root` (folder or splits), chosen on val."
-    found = {s for _, s in style_images(data_root, "train")}
-    enc = build_style_encoder(model, labels=[s for s in ART_STYLES if s in found] + sorted(found - set(ART_STYLES)),
-                              seed=seed, meta=False)
+    enc = build_style_encoder(model, labels=style_labels(data_root), seed=seed, meta=False)
     if image_size: enc.config.image_size = image_size  # EfficientNet is convolutional: any input size works
     dls = style_loaders(data_root, enc.config.label2id, style_processor(model, enc.config.image_size), batch_size)
     score = partial(eval_accuracy, name="style_acc")

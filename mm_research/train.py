@@ -15,9 +15,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .core import accuracy, atomic_write, make_run_dir, save_safetensors, seed_everything, to_jsonable
-from .checkpoints import (find_checkpoint, swap_in, load_state, load_trainable, rng_state, save_state,
-                                     set_rng_state, trainable_state_dict)
+from .core import (accuracy, atomic_write, is_resuming, make_run_dir, save_safetensors, seed_everything,
+                              to_jsonable)
+from .checkpoints import (find_checkpoint, swap_in, load_buffers, load_state, load_trainable, rng_state,
+                                     save_buffers, save_state, set_rng_state, trainable_state_dict)
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'resolve_mixed_precision', 'FitResult', 'NonFiniteLossError', 'evaluate_loss', 'fit', 'eval_accuracy']
@@ -102,15 +103,14 @@ def evaluate_loss(model, dl, loss_fn, accelerator) -> float:
     return total / max(n, 1)
 
 # %% ../nbs/06_train.ipynb #c0710c84
-def _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir, keep_last) -> None:
+def _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir) -> None:
     "Raise a clear ValueError for arguments `fit` cannot use, before any work."
     if best_mode not in ("min", "max"): raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
-    if resume and run_dir is None: raise ValueError("resume=True needs the run_dir of the run to continue.")
-    if resume and not keep_last:
-        raise ValueError("resume=True needs keep_last=True: the last checkpoint is what resumes.")
+    if resume not in (True, False, "auto"): raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
+    if resume is True and run_dir is None: raise ValueError("resume=True needs the run_dir of the run to continue.")
 
 # %% ../nbs/06_train.ipynb #c565e6b3
 @dataclass
@@ -128,6 +128,7 @@ class _Loop:
     jsonl: Path
     best_metric: str
     best_mode: str
+    settings: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     best: dict | None = None
     step: int = 0
@@ -137,16 +138,32 @@ class _Loop:
     def unwrapped(self): return self.acc.unwrap_model(self.model)
 
     @property
-    def generator(self): return getattr(self.train_dl, "synchronized_generator", None)
+    def generator(self):
+        "The generator that shuffles the training data (Accelerate's, else the sampler's, else the loader's)."
+        from accelerate.data_loader import get_sampler
+        return (getattr(self.train_dl, "synchronized_generator", None)
+                or getattr(get_sampler(self.train_dl), "generator", None) or getattr(self.train_dl, "generator", None))
 
 # %% ../nbs/06_train.ipynb #11a11f1d
 @patch
+def check_settings(self: _Loop, last: Path, saved: dict | None) -> None:
+    "Refuse to resume from checkpoint `last` when it was saved by a fit with other settings."
+    diff = {k: (saved.get(k), v) for k, v in self.settings.items() if saved is not None and saved.get(k) != v}
+    if diff:
+        raise ValueError(f"Cannot resume from {last}: it was saved with "
+                         + ", ".join(f"{k}={a!r}" for k, (a, _) in diff.items()) + ", this fit has "
+                         + ", ".join(f"{k}={b!r}" for k, (_, b) in diff.items())
+                         + ": give the same settings, or a new run_dir to start over.")
+
+@patch
 def resume(self: _Loop) -> None:
-    "Continue from the last checkpoint when there is one: weights, optimizer, scheduler, RNG and history."
+    "Continue from the last checkpoint when there is one: weights, buffers, optimizer, scheduler, RNG and history."
     last = find_checkpoint(self.ckpt_dir/"last")
     if last is None: return
     state = json.loads((last/"trainer_state.json").read_text())
+    self.check_settings(last, state.get("settings"))
     load_trainable(self.unwrapped, last)
+    load_buffers(self.unwrapped, last)
     self.optimizer.optimizer.load_state_dict(load_state(last, "optimizer"))
     if self.sched is not None: self.sched.scheduler.load_state_dict(load_state(last, "scheduler"))
     set_rng_state(load_state(last, "rng"), self.generator)
@@ -157,7 +174,7 @@ def resume(self: _Loop) -> None:
 # %% ../nbs/06_train.ipynb #258af46e
 @patch
 def save(self: _Loop, folder: Path, full: bool, epoch: int) -> Path:
-    "Write a checkpoint at `folder` (trainable weights; with `full`, also optimizer, scheduler and RNG states)."
+    "Write a checkpoint at `folder` (trainable weights; with `full`, also buffers, optimizer, scheduler and RNG)."
     tmp = self.ckpt_dir/f".{folder.name}.tmp"
     if tmp.exists(): shutil.rmtree(tmp)
     tmp.mkdir()
@@ -166,8 +183,9 @@ def save(self: _Loop, folder: Path, full: bool, epoch: int) -> Path:
         save_state(self.optimizer.optimizer.state_dict(), tmp, "optimizer")
         if self.sched is not None: save_state(self.sched.scheduler.state_dict(), tmp, "scheduler")
         save_state(rng_state(self.generator), tmp, "rng")
+        save_buffers(self.unwrapped, tmp)
     state = {"epoch": epoch, "step": self.step, "history": self.history, "best": self.best,
-             "best_metric": self.best_metric}
+             "best_metric": self.best_metric, "settings": self.settings}
     atomic_write(tmp/"trainer_state.json", json.dumps(to_jsonable(state), indent=1))
     return swap_in(tmp, folder)
 
@@ -215,8 +233,8 @@ def train_epoch(self: _Loop, epoch: int, epochs: int, max_grad_norm, log_every: 
 
 # %% ../nbs/06_train.ipynb #f4bd4d40
 @patch
-def end_epoch(self: _Loop, record: dict, keep_last: bool) -> None:
-    "Evaluate into `record`, log it, and checkpoint the best (and the last) epoch."
+def end_epoch(self: _Loop, record: dict, save_last: bool) -> None:
+    "Evaluate into `record`, log it, and checkpoint the best (and, with `save_last`, the last) epoch."
     if self.eval_dl is not None:
         record["eval_loss"] = evaluate_loss(self.model, self.eval_dl, self.loss_fn, self.acc)
         if self.eval_fn is not None: record.update(self.eval_fn(self.model, self.eval_dl))
@@ -232,7 +250,7 @@ def end_epoch(self: _Loop, record: dict, keep_last: bool) -> None:
         if better:
             self.best = dict(record)
             self.save(self.ckpt_dir/"best", False, record["epoch"])
-        if keep_last: self.save(self.ckpt_dir/"last", True, record["epoch"])
+        if save_last: self.save(self.ckpt_dir/"last", True, record["epoch"])
     self.acc.wait_for_everyone()
 
 # %% ../nbs/06_train.ipynb #2e27edf5
@@ -263,17 +281,19 @@ def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | N
         optimizer: torch.optim.Optimizer | None = None, scheduler: str | Callable | None = None, warmup_steps: int = 0,
         grad_accum: int = 1, max_grad_norm: float | None = 1.0, mixed_precision: str = "auto",
         run_dir: str | Path | None = None, best_metric: str = "eval_loss", best_mode: str = "min",
-        resume: bool = False, keep_last: bool = True, log_every: int = 10, seed: int | None = 0, cpu: bool = False,
-        progress: bool = True) -> FitResult:
+        resume: bool | str = "auto", keep_last: bool = True, log_every: int = 10, seed: int | None = 0,
+        cpu: bool = False, progress: bool = True) -> FitResult:
     "The `FitResult` of training `model`'s trainable parameters on `train_dl`, evaluated and checkpointed each epoch."
-    _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir, keep_last)
+    _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir)
     if seed is not None: seed_everything(seed)
     run_dir = make_run_dir("train", run_dir)
     loop = _prepared_loop(model, train_dl, eval_dl, loss_fn, eval_fn, optimizer, scheduler, warmup_steps, lr,
                           weight_decay, epochs, grad_accum, mixed_precision, cpu, run_dir, best_metric, best_mode)
-    if resume: loop.resume()
-    elif loop.acc.is_main_process and loop.jsonl.exists(): loop.jsonl.unlink()
     steps_per_epoch, step_times = math.ceil(len(loop.train_dl) / grad_accum), []  # per process
+    loop.settings = dict(epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch, grad_accum=grad_accum, seed=seed,
+                         trainable_params=sum(p.numel() for p in loop.unwrapped.parameters() if p.requires_grad))
+    if resume is True or (resume == "auto" and is_resuming()): loop.resume()
+    elif loop.acc.is_main_process and loop.jsonl.exists(): loop.jsonl.unlink()
     for epoch in range(loop.start_epoch, epochs):
         t0 = time.perf_counter()
         losses = loop.train_epoch(epoch, epochs, max_grad_norm, log_every, grad_accum, progress)
@@ -281,8 +301,10 @@ def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | N
         step_times.append(train_time / max(steps_per_epoch, 1))
         record = {"epoch": epoch + 1, "step": loop.step, "train_loss": float(np.mean(losses)),
                   "lr": loop.optimizer.param_groups[0]["lr"], "train_time_s": train_time, "step_time_s": step_times[-1]}
-        loop.end_epoch(record, keep_last)
+        loop.end_epoch(record, keep_last or resume is not False)  # a resumable fit writes `last` each epoch
         loop.model.train()
+    if not keep_last and loop.acc.is_main_process:
+        for p in (loop.ckpt_dir/"last", loop.ckpt_dir/"last.old"): shutil.rmtree(p, ignore_errors=True)
     return _fit_result(loop, run_dir, step_times)
 
 # %% ../nbs/06_train.ipynb #5766f0c9

@@ -4,19 +4,20 @@
 
 # %% ../nbs/01_zoo.ipynb #3b2f1966
 from __future__ import annotations
-import difflib, json
+import difflib, json, os, shutil, tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 import torch, transformers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
-from .core import resolve_device, resolve_dtype
+from .core import current_umask, resolve_device, resolve_dtype
 
 # %% auto #0
-__all__ = ['REFERENCE_FILES', 'SPECIAL_TOKENS', 'VOCAB_WORDS', 'PUNCT', 'TINY_CONFIGS', 'PRESETS', 'config_from_dict',
-           'reference_config', 'build_tokenizer', 'tiny_qwen2_audio_config', 'tiny_llava_config', 'tiny_blip2_config',
-           'tiny_efficientnet_config', 'tiny_processor', 'Preset', 'load_config', 'model_class_for', 'build_model',
-           'load_model', 'load_processor', 'param_count', 'override_config']
+__all__ = ['REFERENCE_FILES', 'SPECIAL_TOKENS', 'VOCAB_WORDS', 'PUNCT', 'LLAVA_CHAT_TEMPLATE', 'TINY_CONFIGS', 'PRESETS',
+           'config_from_dict', 'reference_config', 'build_tokenizer', 'tiny_qwen2_audio_config', 'tiny_llava_config',
+           'tiny_blip2_config', 'tiny_efficientnet_config', 'tiny_processor', 'Preset', 'load_config',
+           'model_class_for', 'build_model', 'load_model', 'load_processor', 'save_checkpoint', 'save_preset',
+           'param_count', 'override_config']
 
 # %% ../nbs/01_zoo.ipynb #1566bebd
 REFERENCE_FILES = {"qwen2-audio-7b": "qwen2-audio-7b.json", "llava-1.5-7b": "llava-1.5-7b.json",
@@ -39,9 +40,9 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|AUDIO|>", "<|au
 VOCAB_WORDS = """
 a an the is are of in on at to and or it this that there what which how many much where who does do
 color colour shape style size count number kind painted painting image picture photo art artwork
-red green blue yellow purple orange pink brown black white gray grey cyan magenta
+red green blue yellow purple orange pink brown black white gray ASSISTANT cyan magenta
 circle circles square squares triangle triangles star stars shape shapes object objects
-left right top bottom middle center centre above below next upper lower corner
+left right top bottom middle center USER above below next upper lower corner
 zero one two three four five six seven eight nine ten eleven twelve
 yes no up down on off stop go
 brush strokes stroke dots dotted pointillism geometric geometry gradient gradients stripes striped
@@ -49,19 +50,29 @@ checker checkerboard waves wavy abstract impressionism cubism minimalism express
 question answer image: question: answer: says word spoken command
 """.split()
 PUNCT = list("?.,:;!'\"-()")
+LLAVA_CHAT_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's, also taking a message whose content is a plain string
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
-def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
-    "A word-level tokenizer over `words` (default: the project vocabulary) with the multimodal special tokens."
+def build_tokenizer(words: list[str] | None = None, image_token: bool = True) -> PreTrainedTokenizerFast:
+    "A word-level tokenizer over `words` (default: the project vocabulary), multimodal special tokens, chat template."
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AddedToken
     words = list(dict.fromkeys(SPECIAL_TOKENS + (words or VOCAB_WORDS) + PUNCT + [str(i) for i in range(100)]))
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces, no space before punctuation
-    return PreTrainedTokenizerFast(
+    named = {"image_token": "<image>", "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>",
+             "audio_eos_token": "<|audio_eos|>"}
+    if not image_token: named.pop("image_token")  # BLIP-2's processor wants none: see `_blip2_processor`
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        padding_side="left", model_max_length=512,
-        extra_special_tokens={"image_token": "<image>", "audio_token": "<|AUDIO|>",
-                              "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"})
+        padding_side="left", model_max_length=512, extra_special_tokens=named, chat_template=LLAVA_CHAT_TEMPLATE)
+    if not image_token: tok.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+    return tok
 
 # %% ../nbs/01_zoo.ipynb #4fa226ad
 def _text_ids(tok) -> dict:
@@ -81,13 +92,15 @@ def tiny_qwen2_audio_config(tok) -> PretrainedConfig:
 
 # %% ../nbs/01_zoo.ipynb #55a56716
 def tiny_llava_config(tok) -> PretrainedConfig:
-    "A tiny LlavaConfig: 3-layer CLIP ViT (32 px, patch 8: 16 patches + CLS) and a 2-layer Llama."
+    "A tiny LlavaConfig: 3-layer CLIP ViT (32 px, patch 8: 16 patches + CLS), a 2-layer Llama; init range 0.1."
     from transformers import LlavaConfig
     return LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+                           num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32,
+                           initializer_range=0.1),  # larger than CLIP's 0.02: the image is looked at sooner
         text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **_text_ids(tok)),
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, **_text_ids(tok)),
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=tok.pad_token_id)
 
@@ -128,16 +141,15 @@ def _llava_processor(config: PretrainedConfig, tok):
                                crop_size={"height": vc.image_size, "width": vc.image_size})
     return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=vc.patch_size,
                           vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          num_additional_image_tokens=1)
+                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
 
 # %% ../nbs/01_zoo.ipynb #1ad16e23
 def _blip2_processor(config: PretrainedConfig, tok):
-    from transformers import AddedToken, Blip2Processor, BlipImageProcessorPil
+    "BLIP-2's processor; `tok` must not name an `image_token` (Blip2Processor then makes the AddedToken it needs)."
+    from transformers import Blip2Processor, BlipImageProcessorPil
     s = config.vision_config.image_size
-    proc = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
+    return Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": s, "width": s}),
                           tokenizer=tok, num_query_tokens=config.num_query_tokens)
-    proc.image_token = AddedToken("<image>", normalized=False, special=True)  # what transformers expects here
-    return proc
 
 # %% ../nbs/01_zoo.ipynb #2d27883c
 def tiny_processor(family: str, config: PretrainedConfig):
@@ -147,7 +159,7 @@ def tiny_processor(family: str, config: PretrainedConfig):
         return EfficientNetImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
     makers = {"qwen2_audio": _audio_processor, "llava": _llava_processor, "blip2": _blip2_processor}
     if family not in makers: raise ValueError(f"No tiny processor for family {family!r}: use one of {list(makers)}.")
-    return makers[family](config, build_tokenizer())
+    return makers[family](config, build_tokenizer(image_token=family != "blip2"))
 
 # %% ../nbs/01_zoo.ipynb #63b302e0
 @dataclass(frozen=True)
@@ -226,7 +238,12 @@ def build_model(config: PretrainedConfig, meta: bool = False, seed: int = 0) -> 
         with torch.device("meta"): return cls._from_config(config).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls._from_config(config).eval()
+        model = cls._from_config(config).eval()
+    if config.model_type == "efficientnet":  # transformers draws BatchNorm scales like weights (std 0.02): unit BN
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            torch.nn.init.ones_(bn.weight)
+            torch.nn.init.zeros_(bn.bias)
+    return model
 
 # %% ../nbs/01_zoo.ipynb #b047618a
 def load_model(name_or_path: str | Path, device: str = "auto", dtype: str = "auto", meta: bool | None = None,
@@ -255,6 +272,33 @@ def load_processor(name_or_path: str | Path):
     from transformers import AutoImageProcessor, AutoProcessor
     try: return AutoProcessor.from_pretrained(name)
     except (OSError, ValueError, TypeError): return AutoImageProcessor.from_pretrained(name)
+
+# %% ../nbs/01_zoo.ipynb #65d4ef3c
+def save_checkpoint(model, processor, folder: str | Path) -> Path:
+    "`model` and `processor` saved into new or empty `folder` (a Hugging Face checkpoint), atomically, umask modes."
+    folder = Path(folder).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} exists and is not an empty folder: save into a new or empty one.")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        if processor is not None: processor.save_pretrained(tmp)
+        for f in [tmp, *tmp.rglob("*")]: os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~current_umask())
+        if folder.exists(): folder.rmdir()
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+def save_preset(name: str, folder: str | Path, seed: int = 0) -> Path:
+    "Write tiny preset `name` (weights of `seed`) into `folder` as a Hugging Face checkpoint with its processor."
+    p = PRESETS.get(name)
+    if p is None or p.reference:
+        raise ValueError(f"Cannot save {name!r}: only tiny presets have weights and a processor "
+                         f"({', '.join(n for n, q in PRESETS.items() if not q.reference)}).")
+    return save_checkpoint(load_model(name, device="cpu", dtype="fp32", seed=seed), load_processor(name), folder)
 
 # %% ../nbs/01_zoo.ipynb #68b5c79c
 def param_count(model: torch.nn.Module) -> int:

@@ -206,3 +206,51 @@ def test_the_project_parameter_files_are_valid_for_the_experiments(name):
     path = project_root(Path(__file__).parent) / name
     per_nb = load_param_files([path], runnable_notebooks())
     assert all(ps["seeds"] == list(range(len(ps["seeds"]))) and len(ps["seeds"]) >= 3 for ps in per_nb.values())
+
+
+def test_run_dir_parameter_is_the_run_folder(nbs, runs, tmp_path, capsys):
+    chosen = tmp_path / "chosen"
+    assert main(["run", "50_ok", "-p", "x", "4", "-p", "run_dir", str(chosen)]) == 0
+    assert json.loads((chosen / "metrics.json").read_text()) == {"x_seen": 4}
+    assert json.loads((chosen / "params.json").read_text())["run_dir"] == str(chosen.resolve())
+    assert not runs.exists()
+
+
+def test_two_runs_into_one_folder_exactly_one_proceeds(nbs, runs, tmp_path):
+    both = tmp_path / "both"
+    procs = [subprocess.Popen([*MMR, "run", "50_ok", "--run-dir", str(both)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in outs) == [0, 2], outs
+    err = next(e for code, e in outs if code == 2)
+    assert len(err.strip().splitlines()) == 1 and ("already holds a run" in err or "claimed by another" in err), err
+
+
+def test_save_writes_a_preset_as_a_checkpoint(tmp_path, capsys):
+    from mm_research.zoo import load_model
+    folder = tmp_path / "eff"
+    assert main(["save", "tiny-efficientnet", str(folder), "--seed", "3"]) == 0
+    assert f"-p model {folder}" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    saved, preset = load_model(str(folder), device="cpu"), load_model("tiny-efficientnet", device="cpu", seed=3)
+    a, b = saved.state_dict(), preset.state_dict()
+    assert a.keys() == b.keys() and all(__import__("torch").equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("preset, message", [
+    ("llava-1.5-7b", "'llava-1.5-7b' is a reference preset (no weights to write): give one of tiny-"),
+    ("tiny-lava", "'tiny-lava' is no preset: give one of tiny-"),
+])
+def test_save_refuses_reference_and_unknown_presets(tmp_path, capsys, preset, message):
+    assert main(["save", preset, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_save_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main(["save", "tiny-llava", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not empty: give a new or empty folder" in err and len(err.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"] and (tmp_path / "mine.txt").read_text() == "keep"

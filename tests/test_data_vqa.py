@@ -71,7 +71,7 @@ def test_overlap_is_counted_when_there_is_some(vqa_root, tmp_path):
 def test_balanced_types_and_valid_answers(vqa_root):
     rows = load_vqa(vqa_root, "train")
     counts = {t: sum(r["type"] == t for r in rows) for t in VQA_TYPES}
-    assert counts == {t: 30 for t in VQA_TYPES}
+    assert counts == {t: 24 for t in VQA_TYPES}
     assert all(r["answer"] in VQA_ANSWERS[r["type"]] for r in rows)
     assert len({r["answer"] for r in rows if r["type"] == "color"}) >= 4       # not a constant answer
 
@@ -80,7 +80,8 @@ def test_every_word_is_in_the_vocabulary(vqa_root):
     rows = load_vqa(vqa_root, "train") + load_vqa(vqa_root, "val") + load_vqa(vqa_root, "test")
     words = {w for r in rows for w in (r["question"] + " " + r["answer"]).split()}
     assert words - set(VOCAB_WORDS) - set(PUNCT) == set()
-    assert {a for ans in VQA_ANSWERS.values() for a in ans} <= set(VOCAB_WORDS)
+    assert {w for ans in VQA_ANSWERS.values() for a in ans for w in a.split()} <= set(VOCAB_WORDS)
+    assert set(VQA_ANSWERS["corner"]) == {"top left", "top right", "bottom left", "bottom right"}
 
 
 def test_answers_are_true_to_the_picture():
@@ -131,7 +132,7 @@ def test_loader_errors_list_offenders(tmp_path):
         load_vqa(root, "train")
     assert "train_00002.png" in str(e.value) and "train_00005.png" in str(e.value)
     (root/"val.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="val.csv not found"):
+    with pytest.raises(FileNotFoundError, match="matches no VQA layout for split 'val': expected val.csv"):
         load_vqa(root, "val")
     (root/"odd.csv").write_text("picture,question\nx.png,what ?\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['image', 'answer'\]"):
@@ -148,10 +149,52 @@ def test_encoded_for_tiny_llava(vqa_root):
     data = encode_vqa(rows, proc)
     assert data["pixel_values"].shape == (40, 3, 32, 32)
     assert ((data["input_ids"] == 4).sum(1) == 16).all()                         # 16 image tokens per prompt
-    assert proc.tokenizer.convert_ids_to_tokens(data["answer_ids"].tolist()) == [r["answer"] for r in rows]
-    tb = vqa_training_batch({k: v[:4] for k, v in data.items() if torch.is_tensor(v)}, proc.tokenizer.eos_token_id)
-    assert (tb["labels"] != -100).sum(1).tolist() == [2, 2, 2, 2]
-    assert tb["labels"][:, -1].tolist() == [proc.tokenizer.eos_token_id] * 4
+    assert proc.tokenizer.convert_ids_to_tokens(data["answer_ids"].tolist()) == [r["answer"].split()[0] for r in rows]
+    tb = vqa_training_batch({k: v[:5] for k, v in data.items() if torch.is_tensor(v)})
+    words = [len(r["answer"].split()) for r in rows[:5]]
+    assert 2 in words and 1 in words                                             # a corner among the first five
+    assert (tb["labels"] != -100).sum(1).tolist() == [n + 1 for n in words]      # the answer's words and eos
+    eos = proc.tokenizer.eos_token_id
+    assert [lab[lab != -100][-1].item() for lab in tb["labels"]] == [eos] * 5
     bad = [dict(rows[0], answer="octagon")]
-    with pytest.raises(ValueError, match="not single known tokens"):
+    with pytest.raises(ValueError, match="unknown to this tokenizer"):
         encode_vqa(bad, proc)
+
+
+def _tree_sha(root):
+    "sha256 of every file's path and bytes under `root` (hashed here, not by the library)."
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file(): h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_user_layouts_are_read_and_left_untouched(tmp_path):
+    import json
+    import stat
+    root = tmp_path/"mine"
+    (root/"images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(root/"images/a.png")
+    Image.new("RGB", (32, 32), (50, 90, 240)).save(root/"b.png")                  # next to the json, no images/
+    conv = [{"id": 1, "image": "a.png", "conversations": [{"from": "human", "value": "what color ?\n<image>"},
+                                                           {"from": "gpt", "value": "Red"}]}]
+    (root/"train.json").write_text(json.dumps(conv))
+    (root/"test.jsonl").write_text(json.dumps({"question_id": 3, "image": "b.png", "question": "what color ?",
+                                               "answer": "blue", "type": "color"}) + "\n")
+    before = _tree_sha(root)
+    paths = [p for p in root.rglob("*")] + [root]
+    for p in paths: p.chmod(stat.S_IREAD | stat.S_IEXEC)
+    try:
+        train, test = load_vqa(root, "train"), load_vqa(root, "test")
+        with pytest.raises(FileNotFoundError, match=r"expected val.csv .*val.json .*val.jsonl"):
+            load_vqa(root, "val")
+    finally:
+        for p in paths: p.chmod(0o700)
+    assert _tree_sha(root) == before
+    assert [(r["question"], r["answer"], r["image"]) for r in train] == [
+        ("what color ?", "Red", str(root/"images/a.png"))]
+    assert (test[0]["question"], test[0]["type"], test[0]["image"]) == ("what color ?", "color", str(root/"b.png"))
+    from mm_research.vqa import encode_vqa
+    enc = encode_vqa(test, load_processor("tiny-llava"))
+    assert enc["types"] == ["color"] and enc["answers"] == ["blue"]

@@ -148,8 +148,9 @@ def test_flops_analytic_matches_counter(model_batch):
 
 def test_sweep_keep_all_row_is_baseline(model_batch):
     m, proc, b = model_batch
-    ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
-    data = dict(b, answer_ids=ans, types=["color", "count", "position"])
+    from mm_research.vqa import answer_tokens
+    toks, mask = answer_tokens(proc.tokenizer, ["red", "two", "top left"])
+    data = dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "count", "corner"])
     acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2)
     for st in SETTINGS:
         for p in PRUNERS:

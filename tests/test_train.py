@@ -106,3 +106,25 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="is not among"):
         fit(model(), tr, ev, best_metric="acc", run_dir=tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="No checkpoint"): load_trainable(model(), tmp_path / "nope")
+
+
+def test_resume_with_a_seeded_loader_generator_matches_uninterrupted(tmp_path):
+    "A loader shuffled by its own generator (as the experiments build them) resumes with that generator's state."
+    from mm_research.core import resuming
+    coll = lambda b: {"x": torch.stack([i[0] for i in b]), "y": torch.stack([i[1] for i in b])}
+    def run(folder, crash_at=99):
+        n = {"calls": 0}
+        def eval_fn(m, dl):
+            n["calls"] += 1
+            if n["calls"] == crash_at: raise KeyboardInterrupt
+            return {}
+        tr = DataLoader(TensorDataset(*data()), batch_size=6, shuffle=True, collate_fn=coll,
+                        generator=torch.Generator().manual_seed(4))
+        m = model()
+        res = fit(m, tr, DataLoader(TensorDataset(*data(16, 1)), batch_size=8, collate_fn=coll), eval_fn=eval_fn,
+                  epochs=3, lr=0.05, run_dir=folder, keep_last=False, seed=1, progress=False)
+        return m, [{k: v for k, v in r.items() if "time" not in k} for r in res.history]
+    a, full = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt): run(tmp_path / "b", crash_at=2)
+    with resuming(): b, resumed = run(tmp_path / "b")
+    assert resumed == full and torch.equal(a.head.weight, b.head.weight)
