@@ -12,10 +12,11 @@ from .core import (atomic_write, environment_record, make_run_dir, project_root,
                               to_jsonable)
 
 # %% auto #0
-__all__ = ['AT_LEAST_0', 'AT_LEAST_1', 'POSITIVE', 'PARAMETER_CHECKS', 'PATTERN_CHECKS', 'FREE_FORM', 'RUN_MARKER',
-           'experiments_dir', 'notebook_parameters', 'runnable_notebooks', 'find_notebook', 'parse_literal',
-           'coerce_value', 'parameter_check', 'check_parameter', 'validate_parameters', 'read_param_file',
-           'load_param_files', 'NotebookFailed', 'claim_run_dir', 'run_owner', 'resumed_params', 'run_notebook']
+__all__ = ['AT_LEAST_0', 'AT_LEAST_1', 'POSITIVE', 'PARAMETER_CHECKS', 'PATTERN_CHECKS', 'FREE_FORM', 'DATA_LAYOUTS',
+           'RUN_MARKER', 'experiments_dir', 'notebook_parameters', 'runnable_notebooks', 'find_notebook',
+           'parse_literal', 'coerce_value', 'parameter_check', 'check_parameter', 'check_data_dir',
+           'validate_parameters', 'read_param_file', 'load_param_files', 'NotebookFailed', 'claim_run_dir', 'run_owner',
+           'resumed_params', 'run_notebook']
 
 # %% ../nbs/90_runner.ipynb #beb08a4b
 def experiments_dir() -> Path:
@@ -182,6 +183,33 @@ def check_parameter(experiment: str, name: str, value) -> None:
     except TypeError: problem = f"has the wrong type ({type(value).__name__}): see `mmr list` for its type"
     if problem: raise ValueError(f"{experiment}: {name}={value!r} {problem}.")
 
+# %% ../nbs/90_runner.ipynb #089536ae
+DATA_LAYOUTS = {"20_llava": "vqa", "21_pruning": "vqa", "10_speech": "speech", "30_gated": "artquest"}
+
+def _speech_layout(root: Path) -> None:
+    "A Speech Commands-style folder of label folders of .wav files, or a .csv manifest; a one-line error otherwise."
+    if root.is_file():
+        if root.suffix.lower() != ".csv": raise ValueError("is a file but not a .csv manifest of path,label[,split]")
+        return
+    labels = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_") and any(p.glob("*.wav"))]
+    if not labels: raise ValueError("holds no label folders of .wav files: give a Speech Commands-style folder "
+                                    "or a .csv manifest of path,label[,split]")
+
+def check_data_dir(experiment: str, params: dict) -> None:
+    "A one-line error, before a kernel starts, when `data_dir` does not hold the layout `experiment` reads."
+    root, kind = params.get("data_dir"), DATA_LAYOUTS.get(experiment)
+    if root is None or kind is None: return
+    root = Path(str(root)).expanduser()
+    try:
+        from mm_research.vqa_data import read_artquest, vqa_layout
+        trains = any(params.get(k) for k in ("epochs", "base_epochs"))
+        if kind == "speech": _speech_layout(root)
+        elif kind == "artquest": read_artquest(root, "train")
+        else:
+            for split in ("train", "val", "test") if trains else ("test",): vqa_layout(root, split)
+    except (ValueError, FileNotFoundError) as e: raise ValueError(f"{experiment}: data_dir={str(root)!r}: {e}") from None
+
+
 # %% ../nbs/90_runner.ipynb #c766b05f
 def validate_parameters(notebook: Path, given: dict, spec: dict | None = None) -> dict:
     "`given` checked against `notebook`'s parameters (`spec`): unknown names, wrong types and bad values are errors."
@@ -238,7 +266,9 @@ def _prepared(nb: Path, params: dict | None, device: str | None) -> tuple[dict, 
     "`(spec, validated params)` of experiment `nb`, the device checked on this machine."
     spec, params = notebook_parameters(nb), dict(params or {})
     if device is not None: params["device"] = device
-    return spec, validate_parameters(nb, params, spec)
+    params = validate_parameters(nb, params, spec)
+    check_data_dir(nb.stem, {k: v["default"] for k, v in spec.items()} | params)
+    return spec, params
 
 # %% ../nbs/90_runner.ipynb #fe53ea41
 RUN_MARKER = ".mmr_run.json"
