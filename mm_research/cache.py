@@ -29,10 +29,11 @@ def file_lock(path: str | Path):
 
 # %% ../nbs/05b_cache.ipynb #afb5d1f7
 def numerics_key() -> dict:
-    "Library versions, CPU instruction set and thread count: what changes a trained result beyond its spec."
+    "Library versions, CPU instruction set, thread and process counts: what changes a trained result beyond its spec."
     import transformers
     return dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads(),
+                processes=int(os.environ.get("WORLD_SIZE", "1")),
                 cuda=torch.version.cuda if torch.cuda.is_available() else None)
 
 # %% ../nbs/05b_cache.ipynb #2e749981
@@ -51,22 +52,37 @@ def code_fingerprint(fn: Callable) -> str:
     return h.hexdigest()[:16]
 
 # %% ../nbs/05b_cache.ipynb #5b02107f
+def _processes():
+    "Accelerate's process state when launched with several processes (`accelerate launch`), else None."
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2: return None
+    from accelerate import PartialState
+    return PartialState()
+
 def cached_training(kind: str, spec: dict, train_fn: Callable[[Path], dict], cache_dir: str | Path | None = None):
     "`(folder, record)` of the training keyed by `spec`, numerics and code: cached, else made by `train_fn`."
     root = Path(cache_dir or cache_root()/"trained")/kind
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key({"kind": kind, **spec, "numerics": numerics_key(), "code": code_fingerprint(train_fn)})
     folder, partial = root/key, root/f".{key}.partial"
-    with file_lock(root/f".{key}.lock"):
+    ps = _processes()  # several processes: all train together, the main one holds the lock and writes the entry
+    main, sync = (True, lambda: None) if ps is None else (ps.is_main_process, ps.wait_for_everyone)
+    with file_lock(root/f".{key}.lock") if main else contextlib.nullcontext():
+        sync()
         if (folder/"record.json").exists():
             return folder, {**json.loads((folder/"record.json").read_text()), "cached": True}
         continuing = partial.exists()  # left by a killed or failed build: continue it
-        partial.mkdir(exist_ok=True)
+        sync()
+        if main: partial.mkdir(exist_ok=True)
+        sync()
         with resuming() if continuing else contextlib.nullcontext():
             record = {**to_jsonable(train_fn(partial) or {}), "key": key, "spec": to_jsonable(spec),
                       "numerics": numerics_key()}
-        atomic_write(partial/"record.json", json.dumps(record, indent=2) + "\n")
-        partial.chmod(0o777 & ~current_umask())
-        if folder.exists(): shutil.rmtree(folder)
-        os.replace(partial, folder)
+        sync()
+        if main:
+            atomic_write(partial/"record.json", json.dumps(record, indent=2) + "\n")
+            partial.chmod(0o777 & ~current_umask())
+            if folder.exists(): shutil.rmtree(folder)
+            os.replace(partial, folder)
+        sync()
     return folder, {**record, "cached": False}
+

@@ -207,7 +207,8 @@ def check_data_dir(experiment: str, params: dict) -> None:
         elif kind == "artquest": read_artquest(root, "train")
         else:
             for split in ("train", "val", "test") if trains else ("test",): vqa_layout(root, split)
-    except (ValueError, FileNotFoundError) as e: raise ValueError(f"{experiment}: data_dir={str(root)!r}: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{experiment}: data_dir={str(root)!r}: {e}") from None
 
 
 # %% ../nbs/90_runner.ipynb #c766b05f

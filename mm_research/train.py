@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, broadcast_object_list
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .core import (accuracy, atomic_write, is_resuming, make_run_dir, save_safetensors, seed_everything,
@@ -54,12 +55,13 @@ class NonFiniteLossError(FloatingPointError):
     "The loss became NaN or infinite."
 
 # %% ../nbs/06_train.ipynb #47af03f0
-def _accelerator(mixed_precision: str, grad_accum: int, cpu: bool) -> Accelerator:
+def _accelerator(mixed_precision: str, grad_accum: int, cpu: bool, find_unused: bool = False) -> Accelerator:
     mp = resolve_mixed_precision(mixed_precision)
     st = AcceleratorState._shared_state
     if st and st.get("_mixed_precision") not in (None, mp) and st.get("distributed_type") in (None, DistributedType.NO):
         AcceleratorState._reset_state()  # one process, a new precision: Accelerate would refuse to re-initialise
-    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused)  # read by DDP only (several processes)
+    return Accelerator(mixed_precision=mp, gradient_accumulation_steps=grad_accum, cpu=cpu, kwargs_handlers=[ddp])
 
 def _optimizer(model, lr, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -91,16 +93,12 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     atomic_write(path, "".join(l + "\n" for l in keep))
 
 # %% ../nbs/06_train.ipynb #cbf1c115
-def evaluate_loss(model, dl, loss_fn, accelerator) -> float:
-    "Mean loss of `model` over `dl` (weighted by batches, gathered across processes)."
+def evaluate_loss(model, dl, loss_fn) -> float:
+    "Mean loss of `model` over `dl` (weighted by batches)."
     model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for batch in dl:
-            loss = accelerator.gather_for_metrics(loss_fn(model, batch).detach().float().reshape(1))
-            total += loss.sum().item()
-            n += loss.numel()
-    return total / max(n, 1)
+    with torch.no_grad(): losses = [loss_fn(model, batch).detach().float().item() for batch in dl]
+    return sum(losses) / max(len(losses), 1)
+
 
 # %% ../nbs/06_train.ipynb #c0710c84
 def _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir) -> None:
@@ -235,9 +233,12 @@ def train_epoch(self: _Loop, epoch: int, epochs: int, max_grad_norm, log_every: 
 @patch
 def end_epoch(self: _Loop, record: dict, save_last: bool) -> None:
     "Evaluate into `record`, log it, and checkpoint the best (and, with `save_last`, the last) epoch."
-    if self.eval_dl is not None:
-        record["eval_loss"] = evaluate_loss(self.model, self.eval_dl, self.loss_fn, self.acc)
-        if self.eval_fn is not None: record.update(self.eval_fn(self.model, self.eval_dl))
+    several = self.acc.num_processes > 1
+    if self.eval_dl is not None and self.acc.is_main_process:  # the main process evaluates all of eval_dl
+        model = self.unwrapped if several else self.model
+        record["eval_loss"] = evaluate_loss(model, self.eval_dl, self.loss_fn)
+        if self.eval_fn is not None: record.update(self.eval_fn(model, self.eval_dl))
+    if several: record = broadcast_object_list([record])[0]  # every process decides on the same numbers
     if self.best_metric not in record:
         raise ValueError(f"best_metric {self.best_metric!r} is not among this run's metrics {sorted(record)}: "
                          "pass eval_dl (for eval_loss) or an eval_fn that returns it.")
@@ -255,13 +256,17 @@ def end_epoch(self: _Loop, record: dict, save_last: bool) -> None:
 
 # %% ../nbs/06_train.ipynb #2e27edf5
 def _prepared_loop(model, train_dl, eval_dl, loss_fn, eval_fn, optimizer, scheduler, warmup_steps, lr, weight_decay,
-                   epochs, grad_accum, mixed_precision, cpu, run_dir: Path, best_metric, best_mode) -> _Loop:
+                   epochs, grad_accum, mixed_precision, cpu, run_dir: Path, best_metric, best_mode,
+                   find_unused: bool = False) -> _Loop:
     "A `_Loop` with model, optimizer, scheduler and loaders prepared by Accelerate."
-    acc = _accelerator(mixed_precision, grad_accum, cpu)
+    acc = _accelerator(mixed_precision, grad_accum, cpu, find_unused)
     optimizer = optimizer or _optimizer(model, lr, weight_decay)
-    sched = _scheduler(scheduler, optimizer, math.ceil(len(train_dl) / grad_accum) * epochs, warmup_steps)
+    # counted in batches of the unsharded loader: Accelerate steps a prepared scheduler once per process each step
+    total = math.ceil(len(train_dl) / grad_accum) * epochs
+    sched = _scheduler(scheduler, optimizer, total, warmup_steps * acc.num_processes)
     model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
-    if eval_dl is not None: eval_dl = acc.prepare(eval_dl)
+    if eval_dl is not None:  # not sharded: the main process evaluates all of it, as one process would
+        eval_dl = prepare_data_loader(eval_dl, acc.device, num_processes=1, process_index=0, put_on_device=True)
     if sched is not None: sched = acc.prepare(sched)
     (run_dir/"checkpoints").mkdir(exist_ok=True)
     return _Loop(acc, model, optimizer, sched, train_dl, eval_dl, loss_fn or _default_loss, eval_fn,
@@ -282,13 +287,14 @@ def fit(model: torch.nn.Module, train_dl, eval_dl=None, *, loss_fn: Callable | N
         grad_accum: int = 1, max_grad_norm: float | None = 1.0, mixed_precision: str = "auto",
         run_dir: str | Path | None = None, best_metric: str = "eval_loss", best_mode: str = "min",
         resume: bool | str = "auto", keep_last: bool = True, log_every: int = 10, seed: int | None = 0,
-        cpu: bool = False, progress: bool = True) -> FitResult:
+        cpu: bool = False, progress: bool = True, find_unused_parameters: bool = False) -> FitResult:
     "The `FitResult` of training `model`'s trainable parameters on `train_dl`, evaluated and checkpointed each epoch."
     _check_fit_args(epochs, grad_accum, best_mode, resume, run_dir)
     if seed is not None: seed_everything(seed)
     run_dir = make_run_dir("train", run_dir)
     loop = _prepared_loop(model, train_dl, eval_dl, loss_fn, eval_fn, optimizer, scheduler, warmup_steps, lr,
-                          weight_decay, epochs, grad_accum, mixed_precision, cpu, run_dir, best_metric, best_mode)
+                          weight_decay, epochs, grad_accum, mixed_precision, cpu, run_dir, best_metric, best_mode,
+                          find_unused_parameters)
     steps_per_epoch, step_times = math.ceil(len(loop.train_dl) / grad_accum), []  # per process
     loop.settings = dict(epochs=epochs, lr=lr, steps_per_epoch=steps_per_epoch, grad_accum=grad_accum, seed=seed,
                          trainable_params=sum(p.numel() for p in loop.unwrapped.parameters() if p.requires_grad))

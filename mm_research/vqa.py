@@ -11,11 +11,12 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['vqa_prompt', 'answer_tokens', 'encode_vqa', 'vqa_slice', 'vqa_training_batch', 'vqa_loader', 'normalize_answer',
            'with_answers', 'answer_scores', 'candidate_tokens', 'candidate_picks', 'vqa_predictions', 'vqa_accuracy',
-           'chance_accuracy', 'answer_accuracy', 'base_model', 'tensor_fingerprint', 'weights_fingerprint',
+           'chance_accuracy', 'answer_accuracy', 'base_model', 'tensor_fingerprint', 'weights_fingerprint', 'vqa_loss',
            'train_vqa_base']
 
 # %% ../nbs/22_vqa.ipynb #4ccdee1b
 import torch
+from accelerate import PartialState
 from .core import accuracy, resolve_device
 from .llava import mode_generate, mode_inputs, position_ids_from_mask
 from .cache import cached_training
@@ -239,18 +240,31 @@ def weights_fingerprint(name_or_path: str | Path) -> str | None:
             for block in iter(lambda: fh.read(1 << 20), b""): h.update(block)
     return h.hexdigest()[:16]
 
+# %% ../nbs/22_vqa.ipynb #112836a1
+def vqa_loss(model, batch: dict) -> torch.Tensor:
+    "Cross-entropy of the answer tokens, averaged over the answer tokens of the global batch (all processes)."
+    n = (batch["labels"][:, 1:] != -100).sum()
+    if model.training and torch.distributed.is_available() and torch.distributed.is_initialized():
+        n = n.clone()
+        torch.distributed.all_reduce(n)   # training steps only: evaluation runs on the main process alone
+        n = n / torch.distributed.get_world_size()
+    return model(**batch, num_items_in_batch=n).loss
+
+
 # %% ../nbs/22_vqa.ipynb #d774204f
 def _vqa_fit(model, train: dict, val: dict, folder: Path, epochs: int, lr: float, batch_size: int,
              seed: int, device: str, precision: str, progress: bool) -> dict:
     "Train `model` whole on `train`, save its best epoch on `val` into `folder`; the training record."
     run_dir = Path(folder)/"fit"   # inside cached_training's partial folder: a killed build continues from here
     res = fit(model.requires_grad_(True), vqa_loader(train, batch_size, True, seed),
-              vqa_loader(val, 256, False), eval_fn=answer_accuracy, epochs=epochs, lr=lr,
+              vqa_loader(val, 256, False), loss_fn=vqa_loss, eval_fn=answer_accuracy, epochs=epochs, lr=lr,
               scheduler="cosine", warmup_steps=20, best_metric="eval_acc", best_mode="max", run_dir=run_dir,
-              seed=seed, cpu=device == "cpu", mixed_precision=precision, progress=progress)
+              seed=seed, cpu=device == "cpu", mixed_precision=precision, progress=progress,
+              find_unused_parameters=True)  # several processes: LLaVA never reads its tower's last layer
     load_trainable(model, res.best_checkpoint)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    model.eval().save_pretrained(folder)
+    if PartialState().is_main_process:  # under `accelerate launch`, one process writes the base
+        shutil.rmtree(run_dir, ignore_errors=True)
+        model.eval().save_pretrained(folder)
     return dict(trained=True, epochs=epochs, selected_on="val", trainable_params=res.trainable_params,
                 parameters=param_count(model), best=res.best, history=res.history, step_time_s=res.step_time_s,
                 train_time_s=sum(h.get("train_time_s", 0) for h in res.history))

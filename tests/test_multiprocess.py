@@ -75,3 +75,34 @@ def test_two_processes_match_one_with_same_global_batch(tmp_path, shuffle):
     assert len(metrics(half)[0]) == 2 * len(steps2)
     assert max((weights(half)[k] - w2[k]).abs().max().item() for k in w2) > 1e-3
 
+
+
+TRAIN_BASE = Path(__file__).resolve().parents[1] / "tools" / "train_vqa_base.py"
+
+
+def train_base(tmp_path: Path, name: str, batch: int, processes: int) -> Path:
+    "Train the 20_llava base with tools/train_vqa_base.py (per-process `batch`) on 1 or 2 processes; its checkpoint."
+    out = tmp_path / name
+    args = [str(TRAIN_BASE), "--out", str(out), "--n-train", "48", "--n-val", "16", "--epochs", "2",
+            "--batch-size", str(batch), "--device", "cpu", "--cache-dir", str(tmp_path / f"cache-{name}")]
+    cmd = [*LAUNCH, "--main_process_port", str(free_port()), *args] if processes == 2 else [sys.executable, *args]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MMR_CACHE=str(tmp_path / "data-cache"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out
+
+
+def test_20_llava_base_trains_on_two_processes_as_on_one(tmp_path):
+    "The experiment's own training (vqa.train_vqa_base) under `accelerate launch` with 2 processes."
+    two = train_base(tmp_path, "two", batch=8, processes=2)
+    one = train_base(tmp_path, "one", batch=16, processes=1)
+    rec1, rec2 = (json.loads((d / "training.json").read_text()) for d in (one, two))
+    assert (rec1["processes"], rec2["processes"]) == (1, 2)
+    assert rec2["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert [h["step"] for h in rec2["history"]] == [h["step"] for h in rec1["history"]] == [3, 6]
+    for a, b in zip(rec1["history"], rec2["history"]):
+        for key in ("train_loss", "eval_loss", "eval_acc"): assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5)
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert sorted(w1) == sorted(w2) and len(w1) > 50
+    for k in w1: torch.testing.assert_close(w2[k], w1[k], atol=1e-4, rtol=1e-4, msg=f"{k} differs")
