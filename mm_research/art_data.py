@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from .cache import folder_lock
 from .vqa_data import dataset_ready, read_artquest
 
 # %% auto #0
@@ -111,12 +112,13 @@ def make_art_set(root: str | Path, n_train: int = 120, n_val: int = 60, size: in
     root = Path(root)
     settings = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "size": size, "seed": seed,
                 "sizes": list(sizes) if sizes else None}
-    if dataset_ready(root, "art_set.json", settings, "an art set"): return root
-    (root/"images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        _write_art_split(root, split, n, rng, size, sizes)
-    (root/"art_set.json").write_text(json.dumps(settings))
+    with folder_lock(root):  # two runs asking for the same set: one writes it, the other then reads it
+        if dataset_ready(root, "art_set.json", settings, "an art set"): return root
+        (root/"images").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+            _write_art_split(root, split, n, rng, size, sizes)
+        (root/"art_set.json").write_text(json.dumps(settings))
     return root
 
 # %% ../nbs/30_art_data.ipynb #4be55e21

@@ -11,7 +11,7 @@ import torch
 from .core import atomic_write, cache_root, current_umask, resuming, to_jsonable
 
 # %% auto #0
-__all__ = ['cache_key', 'file_lock', 'numerics_key', 'code_fingerprint', 'cached_training']
+__all__ = ['cache_key', 'file_lock', 'folder_lock', 'numerics_key', 'code_fingerprint', 'cached_training']
 
 # %% ../nbs/05b_cache.ipynb #6dad1488
 def cache_key(spec: dict) -> str:
@@ -26,6 +26,15 @@ def file_lock(path: str | Path):
         fcntl.flock(f, fcntl.LOCK_EX)
         try: yield path
         finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/05b_cache.ipynb #f419f411
+@contextlib.contextmanager
+def folder_lock(folder: str | Path):
+    "Hold the lock on building `folder` (a hidden sibling lock file; the parent is created) for the block."
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent/f".{folder.name}.lock"): yield folder
+
 
 # %% ../nbs/05b_cache.ipynb #afb5d1f7
 def numerics_key() -> dict:
