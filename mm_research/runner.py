@@ -160,6 +160,7 @@ PARAMETER_CHECKS = {
     "train_mode": _one_of(_lazy("pruners", "APPLY_MODES")), "question_pool": _one_of(_lazy("scorer", "QUESTION_POOLS")),
     "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _int(x) and x >= 0, "ints >= 0", "[0, 1, 2]"),
     "lrs": _list_of(lambda x: _num(x) and x > 0, "numbers > 0", "[0.001, 0.01]"),
+    "fastv_ks": _list_of(lambda x: _int(x) and x >= 1, "ints >= 1", "[2, 4]"),
     "keep_ratios": _list_of(lambda x: _num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
     "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "val_fraction": _in_range(lambda v: 0 < v < 1, "in (0, 1)"), "max_train": AT_LEAST_0, "fastv_layer": AT_LEAST_0,
