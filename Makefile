@@ -34,11 +34,13 @@ test: setup browser lint test-nbs test-py
 lint: setup
 	$(BIN)/ruff check nbs tools tests benchmarks  # mm_research/ is generated from nbs/
 
-# Two notebooks at a time, one math thread each: tiny models are overhead-bound and oversubscribed threads spin.
-# Run folders go to a scratch folder: tests never write into the checkout's runs/ or results/.
+# The library notebooks, two at a time, one math thread each: tiny models are overhead-bound and oversubscribed
+# threads spin. The experiment notebooks run end to end in tests/test_docs.py instead (`mmr reproduce` through
+# papermill, as a user runs them), not twice. Run folders go to a scratch folder, never the checkout's runs/.
 test-nbs: setup
 	scratch=$$(mktemp -d) && MMR_RUNS=$$scratch OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} \
-	  $(BIN)/nbdev_test --n_workers 2 --timing; rc=$$?; rm -rf $$scratch; exit $$rc
+	  $(BIN)/nbdev_test --n_workers 2 --timing --skip_folder_re '^([_.].*|experiments)$$'; rc=$$?; rm -rf $$scratch; \
+	  exit $$rc
 
 test-py: setup browser
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15
