@@ -27,7 +27,7 @@ def file_lock(path: str | Path):
         try: yield path
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
-# %% ../nbs/05b_cache.ipynb #f419f411
+# %% ../nbs/05b_cache.ipynb #30b323b7
 @contextlib.contextmanager
 def folder_lock(folder: str | Path):
     "Hold the lock on building `folder` (a hidden sibling lock file; the parent is created) for the block."

@@ -8,16 +8,18 @@ import time
 
 # %% auto #0
 __all__ = ['lm_prefill_flops', 'counted_flops', 'wall_times_s', 'random_keep_inputs', 'speed_table', 'pruner_overhead',
-           'speed_figure']
+           'speed_figure', 'fastv_flops', 'fastv_speed_table']
 
 # %% ../nbs/26_prune_cost.ipynb #37ba7e09
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from .fastv import fastv, fastv_prefill_flops
 from .inspect import get_role
-from .pruners import (PRUNERS, VisionPass, apply_selection, eager_attention, keep_count, select_tokens,
-                                 topk_selection, vision_pass)
+from .llava import build_inputs_embeds, position_ids_from_mask
+from .pruners import (PRUNERS, VisionPass, apply_selection, eager_attention, image_token_mask, keep_count,
+                                 select_tokens, topk_selection, vision_pass)
 
 # %% ../nbs/26_prune_cost.ipynb #f2622964
 def lm_prefill_flops(text_config, n_tokens: int, batch: int = 1, logits_tokens: int = 1) -> int:
@@ -99,3 +101,43 @@ def speed_figure(rows: list[dict]):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/26_prune_cost.ipynb #2771f459
+def fastv_flops(text_config, n_tokens: int, n_image: int, kept: int, k: int | None, batch: int = 1) -> int:
+    "Llama prefill FLOPs (`lm_prefill_flops` per layer) with layers after `k` on `kept` image tokens; k None: unpruned."
+    L = text_config.num_hidden_layers
+    per_layer = lambda n: lm_prefill_flops(text_config, n, batch, logits_tokens=0) // L
+    k = L if k is None else k
+    head = lm_prefill_flops(text_config, 0, batch)
+    return k * per_layer(n_tokens) + (L - k) * per_layer(n_tokens - n_image + kept) + head
+
+# %% ../nbs/26_prune_cost.ipynb #1a32cc61
+@torch.no_grad()
+def fastv_speed_table(model, batch: dict, k: int = 2, keep_ratios=(1.0, 0.5, 0.25, 0.11), reps: int = 5) -> list[dict]:
+    "FastV's LM prefill after layer `k` per keep ratio: kept tokens, analytic speedups (paper, Llama), measured one."
+    tc, ids, am = model.config.text_config, batch["input_ids"], batch["attention_mask"]
+    B, n = ids.shape
+    is_img = image_token_mask(model, ids)
+    T = int(is_img[0].sum())
+    x = dict(inputs_embeds=build_inputs_embeds(model, ids, vision_pass(model, batch["pixel_values"]).embeds),
+             attention_mask=am, position_ids=position_ids_from_mask(am))
+    paper = lambda kk, R: fastv_prefill_flops(n, T, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, kk, R)
+    rows = [dict(keep_ratio=1.0, K=None, R=0.0, tokens=T, paper_flops=paper(None, 0.0),
+                 flops=fastv_flops(tc, n, T, T, None, B), times_s=[])]
+    for r in keep_ratios:
+        kept = keep_count(T, r)
+        rows.append(dict(keep_ratio=r, K=k, R=1 - kept / T, tokens=kept, paper_flops=paper(k, 1 - kept / T),
+                         flops=fastv_flops(tc, n, T, kept, k, B), times_s=[]))
+
+    def prefill(row):
+        if row["K"] is None: return model(**x, logits_to_keep=1)
+        with fastv(model, row["K"], row["R"], image_mask=is_img): return model(**x, logits_to_keep=1)
+    for _ in range(2):     # interleaved, so a busy spell on a shared machine hits all of them alike
+        for row in rows: row["times_s"] += wall_times_s(lambda: prefill(row), reps)
+    best = min(rows[0]["times_s"])
+    for row in rows:
+        row.update(prefill_s=min(row["times_s"]), prefill_median_s=float(np.median(row["times_s"])),
+                   ideal_speedup=rows[0]["paper_flops"] / row["paper_flops"],
+                   flops_speedup=rows[0]["flops"] / row["flops"],
+                   measured_speedup=best / min(row["times_s"]))
+    return rows

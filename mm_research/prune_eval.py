@@ -4,11 +4,12 @@
 
 # %% ../nbs/25_prune_eval.ipynb #5876b910
 from __future__ import annotations
-import itertools, math
+import contextlib, copy, itertools, math
 
 # %% auto #0
-__all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'answer_hits', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy',
-           'seed_rates', 'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
+__all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'continue_kwargs', 'next_logits', 'cached_picks', 'answer_hits',
+           'generated_answers', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy', 'seed_rates',
+           'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
            'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image', 'pooled_image', 'kept_tokens_figure']
 
 # %% ../nbs/25_prune_eval.ipynb #88b4f9db
@@ -18,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .core import accuracy, render_table
-from .llava import mode_inputs
-from .pruners import (PRUNERS, SETTINGS, apply_selection, check_pruner, keep_count, parse_setting,
-                                 pool_grid, pruner_scores, select_tokens, vision_pass)
+from .llava import mode_inputs, position_ids_from_mask
+from .pruners import (PRUNERS, SCORED_PRUNERS, SETTINGS, check_pruner, in_llm, keep_count, parse_setting,
+                                 pool_grid, pruned_prompt, pruner_family, pruner_scores, select_tokens, vision_pass)
 from .scorer import PROMPT_KEYS
 from .stats import fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
-from .vqa import candidate_picks, candidate_tokens, with_answers
+from .vqa import candidate_tokens
 
 # %% ../nbs/25_prune_eval.ipynb #3ec40568
 METRICS = ("exact", "likelihood")
@@ -34,41 +35,98 @@ def candidate_ids(tokenizer, answers_by_type: dict | None) -> dict:
     return candidate_tokens(tokenizer, answers_by_type)
 
 # %% ../nbs/25_prune_eval.ipynb #d9b725a6
+def continue_kwargs(inputs: dict, tokens: torch.Tensor) -> dict:
+    "Forward kwargs feeding `tokens` `(B, A)` after the cached prompt `inputs`: mask grown, positions counting on."
+    am = inputs["attention_mask"]
+    pos = inputs.get("position_ids")
+    pos = position_ids_from_mask(am) if pos is None else pos
+    step = torch.arange(1, tokens.shape[1] + 1, device=pos.device)
+    return dict(input_ids=tokens, attention_mask=torch.cat([am, torch.ones_like(tokens)], 1),
+                position_ids=pos[:, -1:] + step)
+
 @torch.no_grad()
-def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    "Hits `(B,)` of prompt kwargs `inputs`: exact (greedy decoding gives the answer), likelihood (likeliest candidate)."
+def next_logits(model, inputs: dict, cache, first: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    "Logits `(B, A, V)` predicting each of `tokens` after the prompt: `first`, then `tokens[:, :-1]` through the cache."
+    if tokens.shape[1] == 1: return first[:, None]
+    rest = model(**continue_kwargs(inputs, tokens[:, :-1]), past_key_values=copy.deepcopy(cache)).logits.float()
+    return torch.cat([first[:, None], rest], 1)
+
+# %% ../nbs/25_prune_eval.ipynb #b479decd
+@torch.no_grad()
+def cached_picks(model, inputs: dict, cache, first: torch.Tensor, types: list, candidates: dict) -> list[int]:
+    "Per row, the index of its type's likeliest candidate after the cached prompt (-1 for a type without candidates)."
+    picks = [-1] * len(types)
+    for t, (tokens, mask) in candidates.items():
+        rows = torch.tensor([i for i, ty in enumerate(types) if ty == t], dtype=torch.long, device=first.device)
+        if not len(rows): continue
+        tokens, mask = tokens.to(first.device), mask.to(first.device)
+        if (mask.sum(1) == 2).all(): scores = first[rows][:, tokens[:, 0]]
+        else:
+            B = len(types)
+            lp = [next_logits(model, inputs, cache, first, tokens[c].expand(B, -1)).log_softmax(-1)
+                  .gather(-1, tokens[c].expand(B, -1)[..., None])[..., 0] for c in range(len(tokens))]
+            scores = torch.stack([(x * mask[c]).sum(1) for c, x in enumerate(lp)], 1)[rows]
+        for r, k in zip(rows.tolist(), scores.argmax(1).tolist()): picks[r] = k
+    return picks
+
+@torch.no_grad()
+def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict,
+                context=None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Hits `(B,)` of prompt kwargs `inputs` run in `context`: exact (greedy gives the answer), likelihood (likeliest)."
     lab, mask = batch["answer_tokens"], batch["answer_mask"]
-    logits = model(**with_answers(model, inputs, lab), logits_to_keep=lab.shape[1] + 1).logits.float()
-    exact = ((logits[:, :-1].argmax(-1) == lab) | (mask == 0)).all(1).cpu()
-    picks = candidate_picks(model, inputs, logits[:, 0], types, candidates)
+    pos = inputs.get("position_ids")
+    inputs = dict(inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]) if pos is None else pos)
+    with context or contextlib.nullcontext():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        first = out.logits[:, -1].float()
+        logits = next_logits(model, inputs, out.past_key_values, first, lab)
+        picks = cached_picks(model, inputs, out.past_key_values, first, types, candidates)
+    exact = ((logits.argmax(-1) == lab) | (mask == 0)).all(1).cpu()
     answer = lambda i: lab[i][mask[i] == 1].tolist()
     pick = lambda t, k: candidates[t][0][k][candidates[t][1][k] == 1].tolist()
     like = [bool(exact[i]) if k < 0 else pick(t, k) == answer(i) for i, (t, k) in enumerate(zip(types, picks))]
     return exact, torch.tensor(like)
 
+# %% ../nbs/25_prune_eval.ipynb #37ca9509
+@torch.no_grad()
+def generated_answers(model, inputs: dict, context=None, max_new_tokens: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    "Greedy new tokens of prompt kwargs `inputs` in `context`, as (answer tokens, mask up to the first eos)."
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    with context or contextlib.nullcontext():
+        seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos)
+    new = seq[:, -max_new_tokens:] if "input_ids" in inputs else seq
+    new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=eos)
+    after = (new == eos).long().cumsum(1) - (new == eos).long()     # eos tokens seen before each position
+    return new, (after == 0).long()
+
 # %% ../nbs/25_prune_eval.ipynb #a0638729
 @torch.no_grad()
 def batch_hits(model, batch: dict, types: list, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11),
                settings=SETTINGS, scorer=None, candidates: dict | None = None, generator=None,
-               fastv_layer: int = 2) -> dict:
+               fastv_layer: int = 2, sparsevlm_layers=None) -> dict:
     "Hits (exact, likelihood) of one batch: under 'baseline' and under each (setting, pruner, keep ratio)."
     candidates = candidates or {}
     out = {"baseline": answer_hits(model, mode_inputs(model, batch, "baseline"), batch, types, candidates)}
     vp = vision_pass(model, batch["pixel_values"], cls_attention="cls" in pruners)
-    scores = {p: pruner_scores(model, batch, p, vp, scorer, generator, fastv_layer) for p in pruners}
+    scores = {p: pruner_scores(model, batch, p, vp, scorer, generator, fastv_layer) for p in pruners
+              if pruner_family(p) in SCORED_PRUNERS}
     for p, r in itertools.product(pruners, keep_ratios):
-        sel = select_tokens(model, batch, p, r, vp=vp, scores=scores[p])
-        for st in settings:
-            out[st, p, r] = answer_hits(model, apply_selection(model, batch, sel, *parse_setting(st)), batch, types,
-                                        candidates)
+        for st in [s for s in settings if s == "hard/original" or not in_llm(p)]:
+            inputs, ctx = pruned_prompt(model, batch, p, r, *parse_setting(st), vp=vp, scores=scores.get(p),
+                                        scorer=scorer, generator=generator, fastv_layer=fastv_layer,
+                                        sparsevlm_layers=sparsevlm_layers)
+            out[st, p, r] = answer_hits(model, inputs, batch, types, candidates, ctx)
     return out
 
 # %% ../nbs/25_prune_eval.ipynb #fe6e914c
 def sweep_hits(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
                scorer=None, candidates: dict | None = None, batch_size: int = 64, seed: int = 0,
-               fastv_layer: int = 2, progress: bool = False) -> dict:
+               fastv_layer: int = 2, progress: bool = False, sparsevlm_layers=None) -> dict:
     "Per-sample hits (exact, likelihood) on encoded VQA `data`: 'baseline' and each (setting, pruner, ratio)."
     pruners, settings = [check_pruner(p) for p in pruners], [s for s in settings if parse_setting(s)]
+    if any(in_llm(p) for p in pruners) and "hard/original" not in settings:
+        raise ValueError("In-LLM pruners (fastv, sparsevlm) run only in setting 'hard/original': add it to settings.")
     for r in keep_ratios: keep_count(16, r)
     model.eval()
     dev, n = next(model.parameters()).device, len(data["answer_ids"])
@@ -77,7 +135,7 @@ def sweep_hits(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 
         b = {k: data[k][s:s + batch_size].to(dev) for k in PROMPT_KEYS + ANSWER_KEYS}
         g = torch.Generator().manual_seed(seed * 100_003 + i)
         hits = batch_hits(model, b, types[s:s + batch_size], pruners, keep_ratios, settings, scorer, candidates, g,
-                          fastv_layer)
+                          fastv_layer, sparsevlm_layers)
         for key, h in hits.items(): parts.setdefault(key, []).append(h)
     return {key: tuple(torch.cat(x) for x in zip(*hs)) for key, hs in parts.items()}
 
@@ -93,10 +151,10 @@ def hit_rates(hits: dict) -> dict:
 # %% ../nbs/25_prune_eval.ipynb #e1d37dac
 def sweep_accuracy(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
                    scorer=None, candidates: dict | None = None, batch_size: int = 64, seed: int = 0,
-                   fastv_layer: int = 2, progress: bool = False) -> dict:
+                   fastv_layer: int = 2, progress: bool = False, sparsevlm_layers=None) -> dict:
     "Accuracy {'baseline': {...}, setting: {pruner: {ratio: {'exact', 'likelihood'}}}} on encoded VQA `data`."
     return hit_rates(sweep_hits(model, data, pruners, keep_ratios, settings, scorer, candidates, batch_size, seed,
-                                fastv_layer, progress))
+                                fastv_layer, progress, sparsevlm_layers))
 
 # %% ../nbs/25_prune_eval.ipynb #229c6972
 def seed_rates(accs: list[dict]) -> dict:
@@ -210,12 +268,14 @@ def pooled_image(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 # %% ../nbs/25_prune_eval.ipynb #774671f5
 @torch.no_grad()
 def kept_tokens_figure(model, batch: dict, images: np.ndarray, pruners=PRUNERS, keep_ratio: float = 0.25,
-                       scorer=None, questions: list[str] | None = None, seed: int = 0):
+                       scorer=None, questions: list[str] | None = None, seed: int = 0, fastv_layer: int = 2,
+                       sparsevlm_layers=None):
     "Figure: for each image (row) and pruner (column), the patches kept at `keep_ratio`, the rest dimmed."
     vp = vision_pass(model, batch["pixel_values"], cls_attention="cls" in pruners)
     T, g = vp.embeds.shape[1], torch.Generator().manual_seed(seed)
     side, k = math.isqrt(T), keep_count(T, keep_ratio)
-    sels = {p: select_tokens(model, batch, p, keep_ratio, vp=vp, scorer=scorer, generator=g) for p in pruners}
+    sels = {p: select_tokens(model, batch, p, keep_ratio, vp=vp, scorer=scorer, generator=g, fastv_layer=fastv_layer,
+                             sparsevlm_layers=sparsevlm_layers) for p in pruners}
     fig, axes = plt.subplots(len(images), len(pruners) + 1, figsize=(1.6 * (len(pruners) + 1), 1.7 * len(images)),
                              squeeze=False)
     for i, image in enumerate(images):

@@ -161,6 +161,8 @@ PARAMETER_CHECKS = {
     "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _int(x) and x >= 0, "ints >= 0", "[0, 1, 2]"),
     "lrs": _list_of(lambda x: _num(x) and x > 0, "numbers > 0", "[0.001, 0.01]"),
     "fastv_ks": _list_of(lambda x: _int(x) and x >= 1, "ints >= 1", "[2, 4]"),
+    "objective": _one_of(_lazy("scorer", "OBJECTIVES")),
+    "train_keep_ratios": _raises(_lazy("scorer", "check_keep_ratios")),
     "keep_ratios": _list_of(lambda x: _num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
     "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "val_fraction": _in_range(lambda v: 0 < v < 1, "in (0, 1)"), "max_train": AT_LEAST_0, "fastv_layer": AT_LEAST_0,

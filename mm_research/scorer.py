@@ -7,16 +7,19 @@ from __future__ import annotations
 import math
 
 # %% auto #0
-__all__ = ['QUESTION_POOLS', 'PROMPT_KEYS', 'question_tokens', 'TokenScorer', 'ScorerTraining', 'prompt_loader', 'pruned_answers',
-           'train_scorer']
+__all__ = ['QUESTION_POOLS', 'OBJECTIVES', 'DEFAULT_KEEP_RATIOS', 'LOGMASK_FLOOR', 'LOGMASK_NOISE', 'PROMPT_KEYS',
+           'question_tokens', 'TokenScorer', 'check_objective', 'check_keep_ratios', 'logmask_attention',
+           'ScorerTraining', 'prompt_loader', 'pruned_answers', 'ratio_accuracy', 'train_scorer', 'jaccard_distance',
+           'question_groups', 'question_relevance', 'shape_relevance_set']
 
-# %% ../nbs/24_scorer.ipynb #a1919893
+# %% ../nbs/24_scorer.ipynb #0b260304
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn
 from .llava import build_inputs_embeds, encode_images, position_ids_from_mask
-from .pruners import APPLY_MODES, image_token_mask, keep_count, pruned_logits
+from .pruners import APPLY_MODES, image_token_mask, keep_count, pruned_logits, select_tokens
 from .train import eval_accuracy, fit, load_trainable
 
 # %% ../nbs/24_scorer.ipynb #1b182f95
@@ -66,15 +69,53 @@ def keep_logits(self: TokenScorer, model, input_ids: torch.Tensor, attention_mas
     with torch.no_grad(): q, q_mask = question_tokens(model, input_ids, attention_mask)
     return self(raw, q, q_mask)
 
-# %% ../nbs/24_scorer.ipynb #01c4bfd3
+# %% ../nbs/24_scorer.ipynb #a7481ecb
+OBJECTIVES = ("logmask", "hard", "soft")
+DEFAULT_KEEP_RATIOS = (0.5, 0.25, 0.11, 0.05)
+LOGMASK_FLOOR = 1e-4          # p_keep of a dropped token in training: forward ~ hard pruning, backward finite
+LOGMASK_NOISE = 0.25          # scale of the logistic exploration noise on the standardised logits
+
+def check_objective(objective: str) -> str:
+    "`objective` if it is one of `OBJECTIVES`, else a one-line ValueError."
+    if objective not in OBJECTIVES: raise ValueError(f"Unknown objective {objective!r}: use one of {OBJECTIVES}.")
+    return objective
+
+# %% ../nbs/24_scorer.ipynb #989ad25d
+def check_keep_ratios(keep_ratios) -> tuple[float, ...]:
+    "`keep_ratios` as a tuple of floats if it is a non-empty list of distinct numbers in (0, 1], else a ValueError."
+    rs = tuple(keep_ratios) if isinstance(keep_ratios, (list, tuple)) else ()
+    num = lambda r: isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1
+    if not rs or not all(map(num, rs)) or len(set(rs)) != len(rs):
+        raise ValueError(f"keep_ratios must be a non-empty list of distinct numbers in (0, 1], "
+                         f"e.g. {list(DEFAULT_KEEP_RATIOS)}; got {keep_ratios!r}.")
+    return tuple(float(r) for r in rs)
+
+# %% ../nbs/24_scorer.ipynb #ddf84488
+def logmask_attention(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor,
+                      floor: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    "4D additive mask `(B, 1, L, L)`: causal and padding, plus `log(keep)` `(B, T)` on the image-token keys."
+    B, L = input_ids.shape
+    mn = -1e4      # exp(-1e4) is 0, yet finite in fp16/bf16 and under autocast (no NaN in padding rows)
+    logp = (keep.float() * (1 - floor) + floor).log().clamp(min=mn)
+    bias = logp.new_zeros(B, L).masked_scatter(image_token_mask(model, input_ids), logp)
+    causal = torch.ones(L, L, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    return torch.where(allowed, bias[:, None, :], mn)[:, None].to(dtype)
+
+# %% ../nbs/24_scorer.ipynb #fff3a32e
 class ScorerTraining(nn.Module):
     "A frozen LLaVA and a trainable TokenScorer; calling it on a prompt batch gives the training loss."
-    def __init__(self, llava, scorer: TokenScorer, keep_ratio: float = 0.25, budget_weight: float = 1.0,
-                 tau: float = 0.5, train_mode: str = "hard"):
+    def __init__(self, llava, scorer: TokenScorer, keep_ratio: float | None = None, budget_weight: float = 1.0,
+                 tau: float = 0.5, train_mode: str | None = None, *, keep_ratios=DEFAULT_KEEP_RATIOS,
+                 objective: str = "logmask", distill_weight: float = 0.0, noise: float = LOGMASK_NOISE):
         super().__init__()
-        if train_mode not in APPLY_MODES: raise ValueError(f"Unknown train_mode {train_mode!r}: use 'soft' or 'hard'.")
+        if train_mode is not None and train_mode not in APPLY_MODES:
+            raise ValueError(f"Unknown train_mode {train_mode!r}: use 'soft' or 'hard' (or objective=...).")
+        self.objective = check_objective(objective if train_mode is None else train_mode)
+        self.keep_ratios = check_keep_ratios(keep_ratios if keep_ratio is None else [keep_ratio])
+        if not distill_weight >= 0: raise ValueError(f"distill_weight must be >= 0, got {distill_weight!r}.")
         self.llava, self.scorer = llava.requires_grad_(False).eval(), scorer
-        self.keep_ratio, self.budget_weight, self.tau, self.train_mode = keep_ratio, budget_weight, tau, train_mode
+        self.budget_weight, self.tau, self.distill_weight, self.noise = budget_weight, tau, distill_weight, noise
 
     def train(self, mode: bool = True):
         "This module in training mode `mode`, the LLaVA always in eval mode."
@@ -82,32 +123,63 @@ class ScorerTraining(nn.Module):
         self.llava.eval()
         return self
 
-# %% ../nbs/24_scorer.ipynb #cd6c83f6
+# %% ../nbs/24_scorer.ipynb #524a8358
 @patch
-def keep_mask(self: ScorerTraining, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Straight-through top-k mask (exactly k ones forward, sigmoid gradient backward) and the soft scores."
-    k = keep_count(logits.shape[1], self.keep_ratio)
+def keep_mask(self: ScorerTraining, logits: torch.Tensor, k: torch.Tensor | None = None):
+    "Straight-through top-`k` mask (`k` `(B,)` ones per row forward, sigmoid gradient backward) and the soft scores."
+    T = logits.shape[1]
+    if k is None: k = torch.full((logits.shape[0],), keep_count(T, self.keep_ratios[0]), device=logits.device)
+    logmask = self.objective == "logmask"
+    if logmask: logits = (logits - logits.mean(1, keepdim=True)) / logits.std(1, keepdim=True).clamp(min=1e-6)
     if self.training:
         u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-        logits = logits + torch.log(u) - torch.log1p(-u)
-    soft = torch.sigmoid(logits / self.tau)
-    hard = torch.zeros_like(soft).scatter(1, logits.topk(k, dim=1).indices, 1.0)
+        logits = logits + (self.noise if logmask else 1.0) * (torch.log(u) - torch.log1p(-u))
+    order = logits.argsort(1, descending=True)
+    hard = (order.argsort(1) < k[:, None]).to(logits.dtype)
+    if logmask:                                    # a sigmoid around the top-k threshold
+        top = logits.gather(1, order)
+        lo, hi = top.gather(1, (k - 1)[:, None]), top.gather(1, k.clamp(max=T - 1)[:, None])
+        soft = torch.sigmoid((logits - torch.where(k[:, None] < T, (lo + hi) / 2, lo - 1).detach()) / self.tau)
+    else: soft = torch.sigmoid(logits / self.tau)
     return hard + soft - soft.detach(), soft
 
-# %% ../nbs/24_scorer.ipynb #679c2d14
+# %% ../nbs/24_scorer.ipynb #b7706a8c
+@patch
+def loss_at(self: ScorerTraining, raw, embeds, input_ids, attention_mask, answer_ids, k: torch.Tensor):
+    "The loss of one prompt batch with `k` `(B,)` image tokens kept per sample."
+    mask, soft = self.keep_mask(self.scorer.keep_logits(self.llava, input_ids, attention_mask, raw).float(), k)
+    pos, am = position_ids_from_mask(attention_mask), attention_mask
+    if self.objective == "logmask":
+        inputs = build_inputs_embeds(self.llava, input_ids, embeds)
+        floor = LOGMASK_FLOOR if self.training else 0.0     # eval: exactly hard pruning with original positions
+        am = logmask_attention(self.llava, input_ids, attention_mask, mask, floor, inputs.dtype)
+    else:
+        inputs = build_inputs_embeds(self.llava, input_ids, embeds * mask[..., None].to(embeds.dtype))
+        if self.objective == "hard":  # dropped tokens leave the attention (original positions), as in hard pruning
+            am = am.masked_scatter(image_token_mask(self.llava, input_ids), mask.detach().round().to(am.dtype))
+    logits = self.llava(inputs_embeds=inputs, attention_mask=am, position_ids=pos, logits_to_keep=1).logits[:, -1]
+    loss = F.cross_entropy(logits.float(), answer_ids)
+    if self.objective != "logmask":
+        loss = loss + self.budget_weight * (soft.mean(1) - k / soft.shape[1]).pow(2).mean()
+    if self.distill_weight:
+        with torch.no_grad():
+            full = build_inputs_embeds(self.llava, input_ids, embeds)
+            teacher = self.llava(inputs_embeds=full, attention_mask=attention_mask, position_ids=pos,
+                                 logits_to_keep=1).logits[:, -1].float()
+        kl = F.kl_div(logits.float().log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="batchmean")
+        loss = loss + self.distill_weight * kl
+    return loss
+
+# %% ../nbs/24_scorer.ipynb #1e826b11
 @patch
 def forward(self: ScorerTraining, pixel_values, input_ids, attention_mask, answer_ids) -> torch.Tensor:
-    "Cross-entropy of the answer after the masked prompt plus the budget term."
+    "Training: the loss at a keep ratio drawn per sample from `keep_ratios`; eval: the mean loss over all of them."
     with torch.no_grad(): raw, embeds = encode_images(self.llava, pixel_values)
-    mask, soft = self.keep_mask(self.scorer.keep_logits(self.llava, input_ids, attention_mask, raw).float())
-    inputs = build_inputs_embeds(self.llava, input_ids, embeds * mask[..., None].to(embeds.dtype))
-    am = attention_mask
-    if self.train_mode == "hard":     # dropped tokens leave the attention (original positions), as in hard pruning
-        am = am.masked_scatter(image_token_mask(self.llava, input_ids), mask.detach().round().to(am.dtype))
-    logits = self.llava(inputs_embeds=inputs, attention_mask=am,
-                        position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1).logits[:, -1]
-    budget = (soft.mean(1) - self.keep_ratio).pow(2).mean()
-    return F.cross_entropy(logits.float(), answer_ids) + self.budget_weight * budget
+    T, B = raw.shape[1], raw.shape[0]
+    ks = torch.tensor([keep_count(T, r) for r in self.keep_ratios], device=raw.device)
+    args = (raw, embeds, input_ids, attention_mask, answer_ids)
+    if self.training: return self.loss_at(*args, ks[torch.randint(len(ks), (B,)).to(raw.device)])
+    return torch.stack([self.loss_at(*args, k.expand(B)) for k in ks]).mean()
 
 # %% ../nbs/24_scorer.ipynb #6309d9b8
 PROMPT_KEYS = ("pixel_values", "input_ids", "attention_mask", "answer_ids")
@@ -130,17 +202,28 @@ def pruned_answers(model, batch: dict, pruner: str, keep_ratio: float, scorer: T
                           logits_to_keep=1)
     return lg[:, -1].argmax(-1)
 
-# %% ../nbs/24_scorer.ipynb #cff81c07
-def train_scorer(model, train: dict, val: dict | None = None, *, keep_ratio: float = 0.25, epochs: int = 3,
-                 batch_size: int = 32, lr: float = 3e-3, hidden: int = 64, budget_weight: float = 1.0,
-                 tau: float = 0.5, train_mode: str = "hard", question_pool: str = "attention", run_dir=None,
+# %% ../nbs/24_scorer.ipynb #93e45b93
+def ratio_accuracy(wrapper: ScorerTraining, dl, keep_ratios) -> dict:
+    "Hard-pruning accuracy of the wrapper's scorer on `dl` at each keep ratio (`eval_acc@r`) and their mean."
+    acc = {}
+    for r in keep_ratios:
+        predict = lambda w, b: pruned_answers(w.llava, b, "learned", r, w.scorer)
+        acc[f"eval_acc@{r:g}"] = eval_accuracy(wrapper, dl, predict, target="answer_ids")["eval_acc"]
+    return {"eval_acc": float(np.mean(list(acc.values()))), **acc}
+
+# %% ../nbs/24_scorer.ipynb #ba0cb713
+def train_scorer(model, train: dict, val: dict | None = None, *, keep_ratios=DEFAULT_KEEP_RATIOS,
+                 objective: str = "logmask", distill_weight: float = 0.0, noise: float = LOGMASK_NOISE,
+                 keep_ratio: float | None = None,
+                 epochs: int = 3, batch_size: int = 32, lr: float = 3e-3, hidden: int = 64, budget_weight: float = 1.0,
+                 tau: float = 0.5, train_mode: str | None = None, question_pool: str = "attention", run_dir=None,
                  seed: int = 0, device: str = "auto", progress: bool = False):
     "A TokenScorer trained on encoded VQA `train`, `model` frozen, best epoch on validation split `val`; FitResult."
     torch.manual_seed(seed)
     scorer = TokenScorer.for_model(model, hidden, question_pool).to(next(model.parameters()).device)
-    wrapper = ScorerTraining(model, scorer, keep_ratio, budget_weight, tau, train_mode)
-    predict = lambda w, b: pruned_answers(w.llava, b, "learned", keep_ratio, w.scorer)
-    eval_fn = lambda w, dl: eval_accuracy(w, dl, predict, target="answer_ids")
+    wrapper = ScorerTraining(model, scorer, keep_ratio, budget_weight, tau, train_mode, keep_ratios=keep_ratios,
+                             objective=objective, distill_weight=distill_weight, noise=noise)
+    eval_fn = lambda w, dl: ratio_accuracy(w, dl, wrapper.keep_ratios)
     has_val = val is not None
     res = fit(wrapper, prompt_loader(train, batch_size, True, seed), prompt_loader(val, 256) if has_val else None,
               loss_fn=lambda w, b: w(**b), eval_fn=eval_fn if has_val else None, epochs=epochs, lr=lr,
@@ -148,3 +231,55 @@ def train_scorer(model, train: dict, val: dict | None = None, *, keep_ratio: flo
               best_mode="max" if has_val else "min", run_dir=run_dir, seed=seed, cpu=device == "cpu", progress=progress)
     load_trainable(wrapper, res.best_checkpoint)
     return scorer.eval(), res
+
+# %% ../nbs/24_scorer.ipynb #96403a59
+def jaccard_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    "1 - |A & B| / |A | B| of two sets of token slots."
+    sa, sb = set(a.tolist()), set(b.tolist())
+    return 1 - len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+
+# %% ../nbs/24_scorer.ipynb #c2f4bf14
+def question_groups(data: dict) -> list[list[int]]:
+    "Rows of encoded `data` grouped by identical image, groups with at least two different questions only."
+    by_image = {}
+    for i, px in enumerate(data["pixel_values"]): by_image.setdefault(px.numpy().tobytes(), []).append(i)
+    ids = data["input_ids"]
+    return [g for g in by_image.values() if len({ids[i].numpy().tobytes() for i in g}) > 1]
+
+# %% ../nbs/24_scorer.ipynb #00e5fdfe
+@torch.no_grad()
+def question_relevance(model, scorer: TokenScorer | None, data: dict, keep_ratio: float,
+                       pruners=("learned", "cls", "fastv_input"), batch_size: int = 64, fastv_layer: int = 2) -> dict:
+    "Per pruner, the mean Jaccard distance between kept sets of different questions on the same image; pair count."
+    groups = question_groups(data)
+    if not groups: raise ValueError("No image in `data` is asked two different questions: build it with "
+                                    "shape_relevance_set (or repeat images with different questions).")
+    dev, n = next(model.parameters()).device, len(data["input_ids"])
+    out = {}
+    for p in pruners:
+        slots = []
+        for s in range(0, n, batch_size):
+            b = {k: data[k][s:s + batch_size].to(dev) for k in ("pixel_values", "input_ids", "attention_mask")}
+            slots += list(select_tokens(model, b, p, keep_ratio, scorer=scorer, fastv_layer=fastv_layer).slots.cpu())
+        d = [jaccard_distance(slots[i], slots[j]) for g in groups for a, i in enumerate(g) for j in g[a + 1:]
+             if not torch.equal(data["input_ids"][i], data["input_ids"][j])]
+        out[p] = float(np.mean(d))
+    return out | {"n_images": len(groups), "n_pairs": len(d)}
+
+# %% ../nbs/24_scorer.ipynb #b80f3f17
+def shape_relevance_set(processor, n_images: int = 64, n_questions: int = 3, seed: int = 0, size: int = 64) -> dict:
+    "Encoded prompts: `n_images` shape scenes, each asked up to `n_questions` of its questions (answers too)."
+    from mm_research.vqa import answer_tokens, vqa_prompt
+    from mm_research.vqa_data import random_scene, render_scene, scene_questions
+    rng, imgs, qs, answers = np.random.default_rng(seed), [], [], []
+    for _ in range(n_images):
+        scene = random_scene(rng)
+        pool = list(dict.fromkeys(q for t in scene_questions(scene).values() for q in t))
+        img = render_scene(scene, size)
+        for i in rng.permutation(len(pool))[:n_questions]:
+            imgs.append(img)
+            qs.append(vqa_prompt(processor, pool[i][0]))
+            answers.append(pool[i][1])
+    enc = processor(images=imgs, text=qs, return_tensors="pt", padding=True)
+    return dict(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                answer_ids=answer_tokens(processor.tokenizer, answers)[0][:, 0], answers=answers)

@@ -13,9 +13,11 @@ from .speech_data import _listing
 
 # %% auto #0
 __all__ = ['ARTQUEST_COLUMNS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'SHAPE_CELLS', 'COUNT_WORDS', 'VQA_TYPES', 'VQA_ANSWERS',
-           'SHAPE_PAIRS', 'HELD_OUT_PAIRS', 'SHAPE_VQA_VERSION', 'VQA_LAYOUTS', 'dataset_ready', 'read_artquest',
-           'random_scene', 'render_scene', 'image_hash', 'scene_questions', 'make_shape_vqa', 'shape_vqa_root',
-           'vqa_layout', 'load_vqa', 'split_overlap']
+           'SHAPE_PAIRS', 'HELD_OUT_PAIRS', 'SHAPE_VQA_VERSION', 'VQA_LAYOUTS', 'SCENE_GRID', 'SCENE_TYPES',
+           'SCENE_ANSWERS', 'SCENE_VQA_VERSION', 'dataset_ready', 'read_artquest', 'random_scene', 'render_scene',
+           'image_hash', 'scene_questions', 'make_shape_vqa', 'shape_vqa_root', 'vqa_layout', 'load_vqa',
+           'split_overlap', 'random_objects', 'render_objects', 'scene_patch_mask', 'object_questions',
+           'make_scene_vqa', 'scene_vqa_root']
 
 # %% ../nbs/20_vqa_data.ipynb #d1edda6a
 def dataset_ready(root: Path, manifest: str, settings: dict, what: str) -> bool:
@@ -240,3 +242,136 @@ def split_overlap(root: str | Path, split: str = "test", against: str = "train")
     rows = load_vqa(root, split)
     return dict(images=sum(key(r["image"]) in seen_images for r in rows),
                 pairs=sum((key(r["image"]), r["question"]) in seen for r in rows), n=len(rows))
+
+# %% ../nbs/20_vqa_data.ipynb #5ce00002
+SCENE_GRID = 6                                        # cells per side; 3x3 cells per quadrant
+SCENE_TYPES = ("color", "shape", "exists", "count", "corner")
+SCENE_ANSWERS = {"color": tuple(SHAPE_COLORS), "shape": SHAPE_KINDS, "exists": ("yes", "no"), "count": COUNT_WORDS,
+                 "corner": VQA_ANSWERS["corner"]}
+
+def random_objects(rng: np.random.Generator, pairs=SHAPE_PAIRS, n_objects=(5, 9)) -> list[tuple]:
+    "`n_objects` (min, max) objects `(row, col, colour, kind, (x0, y0, x1, y1))` in distinct cells, boxes as shares."
+    n, g = int(rng.integers(n_objects[0], n_objects[1] + 1)), SCENE_GRID
+    out = []
+    for cell in sorted(rng.choice(g * g, n, replace=False).tolist()):
+        r, c = divmod(cell, g)
+        side = float(rng.uniform(7, 15)) / 96
+        x0, y0 = (c + rng.uniform(0, 1 - side * g)) / g, (r + rng.uniform(0, 1 - side * g)) / g
+        box = tuple(round(v, 4) for v in (x0, y0, x0 + side, y0 + side))
+        out.append((r, c, *pairs[rng.integers(len(pairs))], box))
+    return out
+
+# %% ../nbs/20_vqa_data.ipynb #5ce00004
+def _texture(rng, size: int) -> np.ndarray:
+    "A grey background: a random level, smooth blotches (6x6 field, bilinear) and pixel noise; float (size, size)."
+    field = Image.fromarray(rng.uniform(-1, 1, (6, 6)).astype(np.float32), mode="F")
+    blotch = np.asarray(field.resize((size, size), Image.Resampling.BILINEAR))
+    return rng.uniform(20, 60) + 18 * blotch + rng.normal(0, 6, (size, size))
+
+def render_objects(objects, rng: np.random.Generator, size: int = 96) -> Image.Image:
+    "An RGB image of `objects` drawn at 4x and box-filtered onto a noisy textured background drawn from `rng`."
+    bg = np.clip(_texture(rng, size), 0, 255).astype(np.uint8)
+    img = Image.fromarray(np.repeat(bg[..., None], 3, 2)).resize((4 * size, 4 * size), Image.Resampling.NEAREST)
+    d, s = ImageDraw.Draw(img), 4 * size
+    for *_, color, kind, (x0, y0, x1, y1) in objects:
+        box, fill = (x0 * s, y0 * s, x1 * s, y1 * s), SHAPE_COLORS[color]
+        if kind == "circle": d.ellipse(box, fill=fill)
+        elif kind == "square": d.rectangle(box, fill=fill)
+        elif kind == "triangle": d.polygon([((box[0] + box[2]) / 2, box[1]), box[2:], (box[0], box[3])], fill=fill)
+        else: raise ValueError(f"Unknown shape kind {kind!r}: use one of {SHAPE_KINDS}")
+    px = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    px = px + rng.normal(0, 4, (size, size, 1))
+    return Image.fromarray(np.clip(px, 0, 255).round().astype(np.uint8))
+
+# %% ../nbs/20_vqa_data.ipynb #5ce00006
+def scene_patch_mask(objects, grid: int = 12) -> np.ndarray:
+    "Which of the `grid` x `grid` patches (row-major) an object's box overlaps: bool `(grid * grid,)`."
+    m = np.zeros((grid, grid), bool)
+    for *_, (x0, y0, x1, y1) in objects:
+        m[int(y0 * grid):int(np.ceil(y1 * grid)), int(x0 * grid):int(np.ceil(x1 * grid))] = True
+    return m.reshape(-1)
+
+# %% ../nbs/20_vqa_data.ipynb #5ce00009
+def object_questions(objects, named=SHAPE_PAIRS) -> dict[str, list[tuple[str, str]]]:
+    "Every unambiguous `(question, answer)` about `objects`, by type; only pairs in `named` are named."
+    pairs = [(c, k) for _, _, c, k, _ in objects]
+    kinds, colors, named = [k for _, k in pairs], [c for c, _ in pairs], set(named)
+    qs = {t: [] for t in SCENE_TYPES}
+    qs["color"] = [(f"what color is the {k} ?", c) for c, k in pairs if kinds.count(k) == 1]
+    qs["shape"] = [(f"what shape is the {c} object ?", k) for c, k in pairs if colors.count(c) == 1]
+    near = {p for p in named - set(pairs) if p[0] in colors and p[1] in kinds}  # both parts seen, not together
+    near = near or {p for p in named - set(pairs) if p[0] in colors or p[1] in kinds}
+    qs["exists"] = [(f"is there a {c} {k} ?", "yes") for c, k in sorted(set(pairs) & named)]
+    qs["exists"] += [(f"is there a {c} {k} ?", "no") for c, k in sorted(near)]
+    qs["count"] = [(f"how many {c} objects are there ?", COUNT_WORDS[colors.count(c)]) for c in SHAPE_COLORS
+                   if colors.count(c) < len(COUNT_WORDS)]
+    for r, col, c, k, _ in objects:
+        if pairs.count((c, k)) == 1 and (c, k) in named:
+            where = f"{'top' if r < SCENE_GRID // 2 else 'bottom'} {'left' if col < SCENE_GRID // 2 else 'right'}"
+            qs["corner"].append((f"which corner is the {c} {k} in ?", where))
+    return qs
+
+# %% ../nbs/20_vqa_data.ipynb #5ce0000b
+SCENE_VQA_VERSION = 1
+
+def _draw_objects(rng, qtype: str, pairs, named, size: int, seen: set, unique: bool, split: str):
+    "Objects with a question of `qtype`, image and hash; with `unique`, an image whose hash is not in `seen`."
+    for _ in range(100_000):
+        qs = object_questions(objects := random_objects(rng, pairs), named)[qtype]
+        if not qs: continue
+        h = image_hash(img := render_objects(objects, rng, size))
+        if not unique or h not in seen: return objects, qs, img, h
+    raise ValueError(f"Could not draw another {split} scene unseen in earlier splits: ask for fewer questions.")
+
+# %% ../nbs/20_vqa_data.ipynb #5ce0000c
+def _pick(rng, qtype: str, qs: list, i: int) -> tuple[str, str]:
+    "A question of `qs`; for `exists`, alternately a yes and a no (when the scene has one), so they balance."
+    if qtype == "exists":
+        want = ("yes", "no")[(i // len(SCENE_TYPES)) % 2]
+        qs = [q for q in qs if q[1] == want] or qs
+    return qs[rng.integers(len(qs))]
+
+def _write_scene_split(root: Path, split: str, n: int, rng, size: int, pairs, named, held: set, seen: set,
+                       unique: bool) -> None:
+    rows = []
+    for i in range(n):
+        qtype = SCENE_TYPES[i % len(SCENE_TYPES)]
+        objects, qs, img, h = _draw_objects(rng, qtype, pairs, named, size, seen, unique, split)
+        seen.add(h)
+        question, answer = _pick(rng, qtype, qs, i)
+        name = f"{split}_{i:05d}.png"
+        img.save(root/"images"/name, compress_level=1)  # noisy pictures: as small as level 6, twice as fast
+        novel = any((c, k) in held for _, _, c, k, _ in objects)
+        rows.append(dict(image=name, question=question, answer=answer, type=qtype, held_out="yes" if novel else "no",
+                         objects=json.dumps([[r, c, co, k, list(b)] for r, c, co, k, b in objects])))
+    with open(root/f"{split}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*ARTQUEST_COLUMNS, "type", "held_out", "objects"])
+        w.writeheader()
+        w.writerows(rows)
+
+# %% ../nbs/20_vqa_data.ipynb #5ce0000d
+def make_scene_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 96, *,
+                   n_val: int | None = None, held_out=HELD_OUT_PAIRS) -> Path:
+    "`root`, holding the scene-VQA set (train/val/test.csv with `objects`, images/; val, test unseen in training)."
+    n_val, held = n_test if n_val is None else n_val, {tuple(p) for p in held_out}
+    train_pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
+    if not held <= set(SHAPE_PAIRS) or {c for c, _ in train_pairs} != set(SHAPE_COLORS) \
+            or {k for _, k in train_pairs} != set(SHAPE_KINDS):
+        raise ValueError(f"held_out {sorted(held)} must be (colour, shape) pairs that leave every colour and every "
+                         "shape in training.")
+    root = Path(root)
+    spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
+                held_out=[list(p) for p in sorted(held)], version=SCENE_VQA_VERSION)
+    if dataset_ready(root, "scene_vqa.json", spec, "a scene-VQA set"): return root
+    (root/"images").mkdir(parents=True, exist_ok=True)
+    rng, seen = np.random.default_rng(seed), set()
+    for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
+                                    ("test", n_test, SHAPE_PAIRS, True)):
+        _write_scene_split(root, split, n, rng, size, pairs, pairs, held, seen, unique)
+    (root/"scene_vqa.json").write_text(json.dumps(spec))  # written last: an interrupted folder has none and is rebuilt
+    return root
+
+def scene_vqa_root(n_train: int, n_test: int, seed: int, size: int = 96, *, n_val: int | None = None) -> Path:
+    "The cache folder for the scene-VQA set for these settings, named by `SCENE_VQA_VERSION`."
+    n_val = n_test if n_val is None else n_val
+    return cache_root()/"data"/f"scene_vqa_v{SCENE_VQA_VERSION}_{n_train}_{n_val}_{n_test}_{seed}_{size}"

@@ -15,9 +15,9 @@ from .core import current_umask, resolve_device, resolve_dtype
 # %% auto #0
 __all__ = ['REFERENCE_FILES', 'SPECIAL_TOKENS', 'VOCAB_WORDS', 'PUNCT', 'LLAVA_CHAT_TEMPLATE', 'TINY_CONFIGS', 'PRESETS',
            'config_from_dict', 'reference_config', 'build_tokenizer', 'tiny_qwen2_audio_config', 'tiny_llava_config',
-           'tiny_blip2_config', 'tiny_efficientnet_config', 'tiny_processor', 'Preset', 'load_config',
-           'model_class_for', 'build_model', 'load_model', 'load_processor', 'save_checkpoint', 'save_preset',
-           'param_count', 'override_config']
+           'tiny_llava_deep_config', 'tiny_blip2_config', 'tiny_efficientnet_config', 'tiny_processor', 'Preset',
+           'load_config', 'model_class_for', 'build_model', 'load_model', 'load_processor', 'save_checkpoint',
+           'save_preset', 'param_count', 'override_config']
 
 # %% ../nbs/01_zoo.ipynb #1566bebd
 REFERENCE_FILES = {"qwen2-audio-7b": "qwen2-audio-7b.json", "llava-1.5-7b": "llava-1.5-7b.json",
@@ -104,6 +104,15 @@ def tiny_llava_config(tok) -> PretrainedConfig:
         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=16, pad_token_id=tok.pad_token_id)
 
+# %% ../nbs/01_zoo.ipynb #a6d1e0b1
+def tiny_llava_deep_config(tok) -> PretrainedConfig:
+    "tiny-llava with an 8-layer Llama and a 4-layer CLIP ViT (hidden 48) on 96 px images: 12x12 = 144 patches + CLS."
+    cfg = tiny_llava_config(tok)
+    vc, tc = cfg.vision_config, cfg.text_config
+    vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers, vc.image_size, vc.projection_dim = 48, 96, 4, 96, 48
+    tc.num_hidden_layers, cfg.image_seq_length = 8, 144
+    return cfg
+
 # %% ../nbs/01_zoo.ipynb #966df1dc
 def tiny_blip2_config(tok) -> PretrainedConfig:
     "A tiny Blip2Config: 2-layer ViT (32 px), 2-layer Q-Former (cross-attention in each), 4 queries, 2-layer OPT."
@@ -170,17 +179,19 @@ class Preset:
     family: str
     reference: bool
     description: str
+    maker: str | None = None  # the TINY_CONFIGS key of its config when it is not `family`
 
     def config(self) -> PretrainedConfig:
         "This preset's config."
         if self.reference: cfg = reference_config(self.name)
         elif self.family == "efficientnet": cfg = tiny_efficientnet_config()
-        else: cfg = TINY_CONFIGS[self.family](build_tokenizer())
+        else: cfg = TINY_CONFIGS[self.maker or self.family](build_tokenizer())
         cfg.architectures = [self.model_class]
         return cfg
 
 # %% ../nbs/01_zoo.ipynb #3a940d3f
-TINY_CONFIGS = {"qwen2_audio": tiny_qwen2_audio_config, "llava": tiny_llava_config, "blip2": tiny_blip2_config}
+TINY_CONFIGS = {"qwen2_audio": tiny_qwen2_audio_config, "llava": tiny_llava_config, "blip2": tiny_blip2_config,
+                "llava_deep": tiny_llava_deep_config}
 
 PRESETS = {p.name: p for p in [
     Preset("qwen2-audio-7b", "Qwen2AudioForConditionalGeneration", "qwen2_audio", True,
@@ -191,6 +202,8 @@ PRESETS = {p.name: p for p in [
            "EfficientNet-B3, 27 WikiArt styles (meta)"),
     Preset("tiny-qwen2-audio", "Qwen2AudioForConditionalGeneration", "qwen2_audio", False, "Qwen2-Audio twin for CPU"),
     Preset("tiny-llava", "LlavaForConditionalGeneration", "llava", False, "LLaVA twin for CPU"),
+    Preset("tiny-llava-deep", "LlavaForConditionalGeneration", "llava", False,
+           "LLaVA twin with an 8-layer LM and 144 image tokens (pruning base)", maker="llava_deep"),
     Preset("tiny-blip2", "Blip2ForConditionalGeneration", "blip2", False, "BLIP-2 OPT twin for CPU"),
     Preset("tiny-efficientnet", "EfficientNetForImageClassification", "efficientnet", False,
            "EfficientNet twin, 6 styles, for CPU"),

@@ -15,8 +15,9 @@ from mm_research.runner import run_notebook
 from mm_research.zoo import save_preset
 
 LLAVA = dict(n_train=256, n_val=32, n_test=32, epochs=3, batch_size=16, n_look=8, eval_batch_size=32)
-PRUNING = dict(n_train=64, n_val=32, n_test=32, epochs=0, base_epochs=1, keep_ratios=[1.0, 0.25], speed_reps=1,
-               n_boot=200)
+PRUNING = dict(model="tiny-llava", fastv_ks=[1], scenes=False, tower_epochs=0, n_train=64, n_val=32, n_test=32,
+               epochs=0, base_epochs=1, keep_ratios=[1.0, 0.25], speed_reps=1, n_boot=200, cost_batch_size=2,
+               new_tokens=2, n_relevance=4)   # tower_epochs 0: a preset's tower pretraining has no checkpoint twin
 
 
 @pytest.fixture
@@ -69,7 +70,8 @@ def test_21_pruning_checkpoint_equals_preset_with_an_untrained_scorer(isolated):
     ckpt = save_preset("tiny-llava", isolated/"tiny-llava-ckpt", seed=0)
     preset = metrics(run_notebook("21_pruning", dict(PRUNING, seeds=[0]), progress=False))
     local = metrics(run_notebook("21_pruning", dict(PRUNING, seeds=[0], model=str(ckpt)), progress=False))
-    assert local["summary"] == preset["summary"]
+    unmeasured = lambda m: {k: v for k, v in m["summary"].items() if "measured" not in k}   # wall times differ
+    assert unmeasured(local) == unmeasured(preset) and len(unmeasured(preset)) < len(preset["summary"])
     assert local["accuracy"] == preset["accuracy"]
     records = [m["per_seed"]["0"]["base_record"] for m in (preset, local)]
     assert records[0]["key"] != records[1]["key"] and records[0]["trained"] and records[1]["trained"]

@@ -9,30 +9,30 @@ import torch
 from mm_research.inspect import get_role
 from mm_research.llava import mode_logits, position_ids_from_mask
 from mm_research.prune_cost import counted_flops, lm_prefill_flops
-from mm_research.prune_eval import (compare_pruners, format_accuracy, hit_rates, pruning_accuracy_figure, seed_rates,
-                                    sweep_accuracy, sweep_hits)
-from mm_research.pruners import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, image_token_mask, keep_count,
-                                 parse_setting, pool_selection, pruned_logits, select_tokens, topk_selection,
-                                 use_eager_vision, vision_pass)
+from mm_research.prune_eval import (answer_hits, compare_pruners, format_accuracy, generated_answers, hit_rates,
+                                    pruning_accuracy_figure, seed_rates, sweep_accuracy, sweep_hits)
+from mm_research.pruners import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, check_pruner, image_token_mask,
+                                 in_llm, keep_count, parse_setting, pool_selection, pruned_logits, pruned_prompt,
+                                 select_tokens, topk_selection, use_eager_vision, vision_pass)
 from mm_research.scorer import ScorerTraining, TokenScorer, train_scorer
 from mm_research.stats import mcnemar, paired_bootstrap
-from mm_research.zoo import build_model, load_config, tiny_processor
+from mm_research.zoo import build_model, load_config, override_config, tiny_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there ?",
              "<image> is the red square on the left or right ?"]
 
 
-def tiny(layer=-2, strategy="default", eager=True, seed=0):
-    cfg = load_config("tiny-llava")
+def tiny(layer=-2, strategy="default", eager=True, seed=0, lm_layers=2):
+    cfg = override_config(load_config("tiny-llava"), {"text_config.num_hidden_layers": lm_layers})
     cfg.vision_feature_layer, cfg.vision_feature_select_strategy = layer, strategy
     m = build_model(cfg, seed=seed).eval()
     return (use_eager_vision(m) if eager else m), tiny_processor("llava", cfg)
 
 
-def make_batch(proc, n=3, seed=0):
+def make_batch(proc, n=3, seed=0, questions=QUESTIONS):
     rng = np.random.default_rng(seed)
     imgs = [(rng.random((32, 32, 3)) * 255).astype("uint8") for _ in range(n)]
-    b = dict(proc(images=imgs, text=(QUESTIONS * n)[:n], return_tensors="pt", padding=True))
+    b = dict(proc(images=imgs, text=(questions * n)[:n], return_tensors="pt", padding=True))
     assert (b["attention_mask"] == 0).any()          # at least one left-padded row
     return b
 
@@ -48,10 +48,10 @@ def test_keep_all_parity_every_pruner(model_batch, setting):
     m, _, b = model_batch
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
     scorer = TokenScorer.for_model(m)
-    for pruner in KNOWN_PRUNERS:
-        lg, sel = pruned_logits(m, b, pruner, 1.0, *parse_setting(setting), scorer=scorer)
+    for pruner in [p for p in KNOWN_PRUNERS if setting == "hard/original" or not in_llm(p)]:
+        lg, sel = pruned_logits(m, b, pruner, 1.0, *parse_setting(setting), scorer=scorer, fastv_layer=1)
         assert torch.equal(lg, ref), (pruner, setting, (lg - ref).abs().max().item())
-        assert sel.slots.shape == (3, 16)
+        assert torch.equal(sel.slots, torch.arange(16).expand(3, -1)), pruner
 
 
 @pytest.mark.parametrize("layer,strategy,eager",
@@ -60,10 +60,11 @@ def test_keep_all_parity_variants(layer, strategy, eager):
     m, proc = tiny(layer, strategy, eager)
     b = make_batch(proc)
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
-    pruners = [p for p in KNOWN_PRUNERS if not (p == "pool" and strategy == "full")]   # 17 tokens: no square grid
-    for pruner in pruners:
-        for mode in ("soft", "hard"):
-            lg, _ = pruned_logits(m, b, pruner, 1.0, mode, scorer=TokenScorer.for_model(m))
+    skip = {"pool", "visionzip"} if strategy == "full" else set()       # 17 tokens: no square grid, CLS kept
+    if not isinstance(layer, int): skip.add("visionzip")                # VisionZip merges one feature layer
+    for pruner in [p for p in KNOWN_PRUNERS if p not in skip]:
+        for mode in (("hard",) if in_llm(pruner) else ("soft", "hard")):
+            lg, _ = pruned_logits(m, b, pruner, 1.0, mode, scorer=TokenScorer.for_model(m), fastv_layer=1)
             assert torch.equal(lg, ref), (layer, strategy, eager, pruner, mode)
 
 
@@ -133,6 +134,12 @@ def test_errors_name_the_fix(model_batch):
     with pytest.raises(ValueError, match="Unknown mode"): apply_selection(m, b, sel, "drop")
     with pytest.raises(ValueError, match="Unknown position_policy"): apply_selection(m, b, sel, "hard", "shift")
     with pytest.raises(ValueError, match="Unknown setting"): parse_setting("soft/renumber")
+    for bad in ("fast", "fastv_k0", "fastv_kx", "FastV", "all"):
+        with pytest.raises(ValueError, match="Unknown pruner"): check_pruner(bad)
+    with pytest.raises(ValueError, match="use setting 'hard/original'"): pruned_prompt(m, b, "sparsevlm", 0.5, "soft")
+    with pytest.raises(ValueError, match=r"in \[1, 1\]"):                  # K=2 on a 2-layer LM
+        with pruned_prompt(m, b, "fastv", 0.5)[1]: pass
+    with pytest.raises(ValueError, match="add it to settings"): sweep_hits(m, b, ["fastv_k1"], settings=["soft"])
 
 
 def test_flops_analytic_matches_counter(model_batch):
@@ -151,10 +158,11 @@ def test_sweep_keep_all_row_is_baseline(model_batch):
     from mm_research.vqa import answer_tokens
     toks, mask = answer_tokens(proc.tokenizer, ["red", "two", "top left"])
     data = dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "count", "corner"])
-    acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2)
+    acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2, fastv_layer=1)
     for st in SETTINGS:
-        for p in PRUNERS:
+        for p in [p for p in PRUNERS if st == "hard/original" or not in_llm(p)]:
             assert acc[st][p]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
+        assert set(acc[st]) == {p for p in PRUNERS if st == "hard/original" or not in_llm(p)}
     hits = sweep_hits(m, data, ["keep_all"], (1.0, 0.25, 0.11), batch_size=2)
     assert all(torch.equal(a, b) for k in hits for a, b in zip(hits[k], hits["baseline"]))
 
@@ -238,3 +246,49 @@ def test_scorer_best_epoch_is_chosen_on_validation(tmp_path, model_batch):
     accs = [h["eval_acc"] for h in res.history]
     assert res.best["eval_acc"] == max(accs) and len(accs) == 2
     assert all(torch.equal(x, y) for x, y in zip(scorer.state_dict().values(), again.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def deep_batch():
+    "A 4-layer LM (FastV at K=2 has layers before and after its cut) and a left-padded batch of two."
+    m, proc = tiny(lm_layers=4)
+    b = make_batch(proc, n=2, seed=1, questions=QUESTIONS[::2])
+    from mm_research.vqa import answer_tokens
+    toks, mask = answer_tokens(proc.tokenizer, ["red", "top left"])
+    return m, dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "corner"])
+
+
+def test_in_llm_pruners_at_batch_two_through_the_scoring_path(deep_batch):
+    m, data = deep_batch
+    base = answer_hits(m, pruned_prompt(m, data, "keep_all", 1.0)[0], data, data["types"], {})
+    with torch.no_grad(): ref = m(**pruned_prompt(m, data, "fastv", 1.0)[0]).logits
+    for p in ("fastv", "fastv_k3", "sparsevlm"):
+        inputs, ctx = pruned_prompt(m, data, p, 1.0)
+        with torch.no_grad(), ctx: assert torch.equal(m(**inputs).logits, ref), p        # keep 1.0: R = 0, exact
+        inputs, ctx = pruned_prompt(m, data, p, 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(answer_hits(m, inputs, data, data["types"], {}, ctx), base))
+        # teacher-forced hit == greedy generate hit: the tokens generate gives in the context are exact hits
+        inputs, ctx = pruned_prompt(m, data, p, 0.25)
+        toks, mask = generated_answers(m, inputs, ctx, max_new_tokens=3)
+        inputs, ctx = pruned_prompt(m, data, p, 0.25)
+        forced = dict(data, answer_tokens=toks, answer_mask=mask)
+        assert answer_hits(m, inputs, forced, data["types"], {}, ctx)[0].tolist() == [True, True], p
+        toks2 = toks.clone()
+        toks2[1, 0] = (toks[1, 0] + 1) % 200
+        inputs, ctx = pruned_prompt(m, data, p, 0.25)
+        hits = answer_hits(m, inputs, dict(forced, answer_tokens=toks2), data["types"], {}, ctx)[0]
+        assert hits.tolist() == [True, False], p
+
+
+def test_fastv_cache_and_keep_sets_through_pruned_prompt(deep_batch):
+    m, data = deep_batch
+    L = data["input_ids"].shape[1]                        # 16 image tokens; keep 0.5: 8 of them after layer 2
+    inputs, ctx = pruned_prompt(m, data, "fastv", 0.5)
+    with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 8]
+    sel = select_tokens(m, data, "fastv", 0.5)            # FastV's keep set = the top 8 of its layer-2 signal
+    from mm_research.pruners import kept_slots
+    assert torch.equal(sel.slots, kept_slots(st))
+    inputs, ctx = pruned_prompt(m, data, "sparsevlm", 0.25, sparsevlm_layers=(2, 3))   # after 2 (to 8), 3 (to 4)
+    with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 12]

@@ -47,7 +47,7 @@ def test_warm_up(no_kernel, capsys):  # the first call imports papermill and rea
     ("03_memory", "phases", "['load', 'fly']", "phases=['load', 'fly'] has unknown item(s) fly"),
     ("03_memory", "tiny_presets", "['tiny-llava', 'llava-1.5-7b']", "has unknown item(s) llava-1.5-7b"),
     ("21_pruning", "position_policy", "shifted", "position_policy='shifted' is not a known choice"),
-    ("21_pruning", "train_mode", "medium", "train_mode='medium' is not a known choice: give one of soft, hard"),
+    ("21_pruning", "objective", "medium", "objective='medium' is not a known choice: give one of logmask, hard, soft"),
     ("21_pruning", "question_pool", "max", "question_pool='max' is not a known choice"),
 ])
 def test_declared_choices(no_kernel, capsys, nb, name, value, message):
@@ -60,7 +60,7 @@ def test_declared_choices(no_kernel, capsys, nb, name, value, message):
     ("20_llava", "n_test", "0", "n_test=0 is out of range: give a value >= 1"),
     ("20_llava", "lr", "0", "lr=0.0 is out of range: give a value > 0"),
     ("21_pruning", "keep_ratios", "[0.5, 0]", "keep_ratios=[0.5, 0] has item(s) [0] that are not numbers in (0, 1]"),
-    ("21_pruning", "train_keep_ratio", "1.5", "train_keep_ratio=1.5 is out of range: give a value in (0, 1]"),
+    ("21_pruning", "train_keep_ratios", "[0.5, 1.5]", "train_keep_ratios=[0.5, 1.5] is refused"),
     ("30_gated", "val_fraction", "1", "val_fraction=1.0 is out of range: give a value in (0, 1)"),
     ("30_gated", "seeds", "[]", "seeds=[] must be a non-empty list of ints >= 0"),
     ("30_gated", "seeds", "[0, 1.5]", "seeds=[0, 1.5] has item(s) [1.5] that are not ints >= 0"),

@@ -25,7 +25,7 @@ def _inputs(name, proc):
         wavs = [rng.standard_normal(n).astype("float32") * 0.1 for n in (16000, 8000)]
         return proc(text=["<|audio_bos|><|AUDIO|><|audio_eos|> say"] * 2, audio=wavs, sampling_rate=16000,
                     return_tensors="pt", padding=True)
-    if name == "tiny-llava":
+    if name.startswith("tiny-llava"):
         return proc(images=[img, img], text=["<image> what color ?", "<image> where is the red circle ?"],
                     return_tensors="pt", padding=True)
     if name == "tiny-blip2":
@@ -33,7 +33,8 @@ def _inputs(name, proc):
     return proc(images=[img, img], return_tensors="pt")
 
 
-@pytest.mark.parametrize("name", ["tiny-qwen2-audio", "tiny-llava", "tiny-blip2", "tiny-efficientnet"])
+@pytest.mark.parametrize("name", ["tiny-qwen2-audio", "tiny-llava", "tiny-llava-deep", "tiny-blip2",
+                                  "tiny-efficientnet"])
 def test_tiny_preset_forward_and_generate(name):
     model, proc = load_model(name, device="cpu"), load_processor(name)
     assert type(model).__name__ == PRESETS[name].model_class
@@ -88,3 +89,16 @@ def test_bad_device_and_dtype_are_clear_errors():
         load_model("tiny-efficientnet", device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="Unknown device"):
         load_model("tiny-efficientnet", device="tpu")
+
+
+def test_deep_llava_preset_is_in_pruning_regime():
+    "tiny-llava-deep: the tiny-llava classes and widths, an 8-layer LM and 144 image tokens per image."
+    cfg, small = load_config("tiny-llava-deep"), load_config("tiny-llava")
+    assert type(cfg) is type(small) and PRESETS["tiny-llava-deep"].model_class == PRESETS["tiny-llava"].model_class
+    assert (cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size) == (8, 64)
+    vc = cfg.vision_config
+    assert (vc.image_size, vc.patch_size, vc.num_hidden_layers) == (96, 8, 4)
+    assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy) == (-2, "default")
+    proc = load_processor("tiny-llava-deep")
+    x = proc(images=[np.zeros((96, 96, 3), "uint8")], text=["<image> what color ?"], return_tensors="pt")
+    assert int((x["input_ids"] == cfg.image_token_id).sum()) == 144 and x["pixel_values"].shape[-1] == 96
