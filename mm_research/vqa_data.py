@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from .core import cache_root
+from .cache import folder_lock
 from .speech_data import _listing
 
 # %% auto #0
@@ -158,13 +159,14 @@ def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, see
     root = Path(root)
     spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
                 held_out=[list(p) for p in sorted(held)], version=SHAPE_VQA_VERSION)
-    if dataset_ready(root, "shape_vqa.json", spec, "a shape-VQA set"): return root
-    (root/"images").mkdir(parents=True, exist_ok=True)
-    rng, seen = np.random.default_rng(seed), set()
-    for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
-                                    ("test", n_test, SHAPE_PAIRS, True)):
-        _write_split(root, split, n, rng, size, pairs, held, seen, unique)
-    (root/"shape_vqa.json").write_text(json.dumps(spec))  # written last: an interrupted folder has none and is rebuilt
+    with folder_lock(root):  # two runs asking for the same set: one writes it, the other reads it
+        if dataset_ready(root, "shape_vqa.json", spec, "a shape-VQA set"): return root
+        (root/"images").mkdir(parents=True, exist_ok=True)
+        rng, seen = np.random.default_rng(seed), set()
+        for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
+                                        ("test", n_test, SHAPE_PAIRS, True)):
+            _write_split(root, split, n, rng, size, pairs, held, seen, unique)
+        (root/"shape_vqa.json").write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
     return root
 
 # %% ../nbs/20_vqa_data.ipynb #7a00c2
@@ -362,13 +364,14 @@ def make_scene_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, see
     root = Path(root)
     spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
                 held_out=[list(p) for p in sorted(held)], version=SCENE_VQA_VERSION)
-    if dataset_ready(root, "scene_vqa.json", spec, "a scene-VQA set"): return root
-    (root/"images").mkdir(parents=True, exist_ok=True)
-    rng, seen = np.random.default_rng(seed), set()
-    for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
-                                    ("test", n_test, SHAPE_PAIRS, True)):
-        _write_scene_split(root, split, n, rng, size, pairs, pairs, held, seen, unique)
-    (root/"scene_vqa.json").write_text(json.dumps(spec))  # written last: an interrupted folder has none and is rebuilt
+    with folder_lock(root):  # two runs asking for the same set: one writes it, the other reads it
+        if dataset_ready(root, "scene_vqa.json", spec, "a scene-VQA set"): return root
+        (root/"images").mkdir(parents=True, exist_ok=True)
+        rng, seen = np.random.default_rng(seed), set()
+        for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
+                                        ("test", n_test, SHAPE_PAIRS, True)):
+            _write_scene_split(root, split, n, rng, size, pairs, pairs, held, seen, unique)
+        (root/"scene_vqa.json").write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
     return root
 
 def scene_vqa_root(n_train: int, n_test: int, seed: int, size: int = 96, *, n_val: int | None = None) -> Path:
