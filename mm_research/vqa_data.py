@@ -147,10 +147,10 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, size:
         w.writerows(rows)
 
 # %% ../nbs/20_vqa_data.ipynb #7a0007
-def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 64, *,
-                   n_val: int | None = None, held_out=HELD_OUT_PAIRS) -> Path:
-    "`root`, holding the shape-VQA set (train/val/test.csv, images/; val, test unseen in training): written or reused."
-    n_val, held = n_test if n_val is None else n_val, {tuple(p) for p in held_out}
+def _make_set(root, what: str, manifest: str, version: int, write_split, n_train: int, n_val: int, n_test: int,
+              seed: int, size: int, held_out) -> Path:
+    "`root` holding a synthesized VQA set: `write_split(root, split, n, rng, pairs, held, seen, unique)` per split."
+    held = {tuple(p) for p in held_out}
     train_pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
     if not held <= set(SHAPE_PAIRS) or {c for c, _ in train_pairs} != set(SHAPE_COLORS) \
             or {k for _, k in train_pairs} != set(SHAPE_KINDS):
@@ -158,16 +158,25 @@ def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, see
                          "shape in training.")
     root = Path(root)
     spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
-                held_out=[list(p) for p in sorted(held)], version=SHAPE_VQA_VERSION)
+                held_out=[list(p) for p in sorted(held)], version=version)
     with folder_lock(root):  # two runs asking for the same set: one writes it, the other reads it
-        if dataset_ready(root, "shape_vqa.json", spec, "a shape-VQA set"): return root
+        if dataset_ready(root, manifest, spec, what): return root
         (root/"images").mkdir(parents=True, exist_ok=True)
         rng, seen = np.random.default_rng(seed), set()
         for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
                                         ("test", n_test, SHAPE_PAIRS, True)):
-            _write_split(root, split, n, rng, size, pairs, held, seen, unique)
-        (root/"shape_vqa.json").write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
+            write_split(root, split, n, rng, pairs, held, seen, unique)
+        (root/manifest).write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
     return root
+
+def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 64, *,
+                   n_val: int | None = None, held_out=HELD_OUT_PAIRS) -> Path:
+    "`root`, holding the shape-VQA set (train/val/test.csv, images/; val, test unseen in training): written or reused."
+    write = lambda root, split, n, rng, pairs, held, seen, unique: _write_split(root, split, n, rng, size, pairs, held,
+                                                                               seen, unique)
+    return _make_set(root, "a shape-VQA set", "shape_vqa.json", SHAPE_VQA_VERSION, write, n_train,
+                     n_test if n_val is None else n_val, n_test, seed, size, held_out)
+
 
 # %% ../nbs/20_vqa_data.ipynb #7a00c2
 def shape_vqa_root(n_train: int, n_test: int, seed: int, size: int = 64, *, n_val: int | None = None) -> Path:
@@ -355,24 +364,10 @@ def _write_scene_split(root: Path, split: str, n: int, rng, size: int, pairs, na
 def make_scene_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, seed: int = 0, size: int = 96, *,
                    n_val: int | None = None, held_out=HELD_OUT_PAIRS) -> Path:
     "`root`, holding the scene-VQA set (train/val/test.csv with `objects`, images/; val, test unseen in training)."
-    n_val, held = n_test if n_val is None else n_val, {tuple(p) for p in held_out}
-    train_pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
-    if not held <= set(SHAPE_PAIRS) or {c for c, _ in train_pairs} != set(SHAPE_COLORS) \
-            or {k for _, k in train_pairs} != set(SHAPE_KINDS):
-        raise ValueError(f"held_out {sorted(held)} must be (colour, shape) pairs that leave every colour and every "
-                         "shape in training.")
-    root = Path(root)
-    spec = dict(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, size=size,
-                held_out=[list(p) for p in sorted(held)], version=SCENE_VQA_VERSION)
-    with folder_lock(root):  # two runs asking for the same set: one writes it, the other reads it
-        if dataset_ready(root, "scene_vqa.json", spec, "a scene-VQA set"): return root
-        (root/"images").mkdir(parents=True, exist_ok=True)
-        rng, seen = np.random.default_rng(seed), set()
-        for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
-                                        ("test", n_test, SHAPE_PAIRS, True)):
-            _write_scene_split(root, split, n, rng, size, pairs, pairs, held, seen, unique)
-        (root/"scene_vqa.json").write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
-    return root
+    write = lambda root, split, n, rng, pairs, held, seen, unique: _write_scene_split(root, split, n, rng, size, pairs,
+                                                                                     pairs, held, seen, unique)
+    return _make_set(root, "a scene-VQA set", "scene_vqa.json", SCENE_VQA_VERSION, write, n_train,
+                     n_test if n_val is None else n_val, n_test, seed, size, held_out)
 
 def scene_vqa_root(n_train: int, n_test: int, seed: int, size: int = 96, *, n_val: int | None = None) -> Path:
     "The cache folder for the scene-VQA set for these settings, named by `SCENE_VQA_VERSION`."
