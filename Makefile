@@ -42,8 +42,9 @@ test-nbs: setup
 	  $(BIN)/nbdev_test --n_workers 2 --timing --skip_folder_re '^([_.].*|experiments)$$'; rc=$$?; rm -rf $$scratch; \
 	  exit $$rc
 
+# Two workers (one per core), a test file per worker at a time: most tests drive a single-threaded kernel.
 test-py: setup browser
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest tests -q --durations=15 -n 2 --dist loadfile
 
 reproduce: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/mmr reproduce -f reproduce.yaml --results results

@@ -25,7 +25,12 @@ build_site, docs_notebooks = build_docs.build_site, build_docs.docs_notebooks
 def site(tmp_path_factory):
     "The whole site, built from a fresh reproduction of every experiment notebook (papermill end to end)."
     tmp = tmp_path_factory.mktemp("docs")
-    repro, results = reproduce(root=tmp / "reproduce")
+    small = tmp / "small.yaml"  # the two slowest experiments smaller; the others at their notebook defaults
+    small.write_text("10_speech: {epochs: 1, lrs: [0.01], max_train: 200}\n"
+                     "21_pruning: {model: tiny-llava, scenes: false, tower_epochs: 0, fastv_ks: [1], n_train: 64, "
+                     "n_val: 32, n_test: 32, keep_ratios: [1.0, 0.25, 0.05], speed_reps: 1, cost_batch_size: 2, "
+                     "new_tokens: 2, n_relevance: 4, n_boot: 200}\n")
+    repro, results = reproduce(param_files=[small], root=tmp / "reproduce")
     failed = [r for r in results if r["status"] != "ok"]
     assert not failed, "\n".join(r["error"] for r in failed)
     index = build_site(tmp / "site", executed_dir=repro, progress=False)
