@@ -262,7 +262,9 @@ def _vqa_fit(model, train: dict, val: dict, folder: Path, epochs: int, lr: float
               seed=seed, cpu=device == "cpu", mixed_precision=precision, progress=progress,
               find_unused_parameters=True)  # several processes: LLaVA never reads its tower's last layer
     load_trainable(model, res.best_checkpoint)
-    if PartialState().is_main_process:  # under `accelerate launch`, one process writes the base
+    state = PartialState()
+    state.wait_for_everyone()  # every process has read the best checkpoint before the main one removes it
+    if state.is_main_process:  # under `accelerate launch`, one process writes the base
         shutil.rmtree(run_dir, ignore_errors=True)
         model.eval().save_pretrained(folder)
     return dict(trained=True, epochs=epochs, selected_on="val", trainable_params=res.trainable_params,
