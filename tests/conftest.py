@@ -1,6 +1,8 @@
 """Shared fixtures: run folders in a temporary place, the hub offline, the checkout's results untouched."""
+import contextlib
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,27 @@ def runs(tmp_path, monkeypatch):
     "A private runs/ root for the test (mmr writes run folders there)."
     monkeypatch.setenv("MMR_RUNS", str(tmp_path / "runs"))
     return tmp_path / "runs"
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    "Run folders and the cache of trained things in `tmp_path`."
+    monkeypatch.setenv("MMR_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("MMR_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def set_writable(folder: Path, writable: bool) -> Path:
+    "`folder`, with every file and folder under it made read-only (or writable again)."
+    for p in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        p.chmod(mode | 0o200 if writable else mode & ~0o222)
+    return folder
+
+
+@contextlib.contextmanager
+def read_only(folder: Path):
+    "`folder` read-only inside the block, writable again after it (so that pytest can remove it)."
+    set_writable(folder, False)
+    try: yield folder
+    finally: set_writable(folder, True)

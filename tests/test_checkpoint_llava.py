@@ -4,13 +4,10 @@ only read."""
 import json
 import os
 import shutil
-import stat
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
-import pytest
-
-from conftest import tree_digest
+from conftest import read_only, tree_digest
 from mm_research.runner import run_notebook
 from mm_research.zoo import save_preset
 
@@ -20,23 +17,8 @@ PRUNING = dict(model="tiny-llava", fastv_ks=[1], scenes=False, tower_epochs=0, n
                new_tokens=2, n_relevance=4)   # tower_epochs 0: a preset's tower pretraining has no checkpoint twin
 
 
-@pytest.fixture
-def isolated(tmp_path, monkeypatch):
-    "Run folders and the cache of trained bases in `tmp_path`."
-    monkeypatch.setenv("MMR_RUNS", str(tmp_path/"runs"))
-    monkeypatch.setenv("MMR_CACHE", str(tmp_path/"cache"))
-    return tmp_path
-
-
 def metrics(out: Path) -> dict:
     return json.loads((out/"metrics.json").read_text())
-
-
-def set_mode(folder: Path, writable: bool) -> None:
-    "Every file and folder under `folder` made read-only (or writable again)."
-    for p in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        mode = stat.S_IMODE(p.stat().st_mode)
-        p.chmod(mode | 0o200 if writable else mode & ~0o222)
 
 
 def test_20_llava_checkpoint_equals_preset_and_saved_base_reevaluates(isolated):
@@ -54,13 +36,11 @@ def test_20_llava_checkpoint_equals_preset_and_saved_base_reevaluates(isolated):
     assert (base/"model.safetensors").is_file() and (base/"tokenizer_config.json").is_file()
     data = isolated/"my_vqa"
     shutil.copytree(Path(p["per_seed"]["0"]["data"]["root"]), data)
-    set_mode(data, writable=False)
     before = tree_digest(data)
-    try:
+    with read_only(data):
         again = run_notebook("20_llava", dict(LLAVA, model=str(base), epochs=0, data_dir=str(data)), progress=False)
-    finally:
-        set_mode(data, writable=True)
-    assert tree_digest(data) == before
+        after = tree_digest(data)
+    assert after == before
     a = metrics(again)
     assert a["per_seed"]["0"]["accuracy"] == p["per_seed"]["0"]["accuracy"]
     assert a["per_seed"]["0"]["base_model"]["trained"] is False and a["base_checkpoint"] is None

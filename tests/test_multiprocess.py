@@ -28,15 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(args: list[str], processes: int, cwd: Path, env_vars: dict, timeout: int) -> None:
+    "Run the script `args` on 1 process, or under `accelerate launch` on 2, one thread each; fail with its output."
+    cmd = [*LAUNCH, "--main_process_port", str(free_port()), *args] if processes == 2 else [sys.executable, *args]
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env_vars)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
 def run_fit(tmp_path: Path, name: str, batch: int, processes: int, shuffle: bool) -> Path:
     "Run the script with per-process `batch` on 1 or 2 processes; its run folder."
     run_dir = tmp_path / name
     args = [str(SCRIPT), "--batch", str(batch), "--run-dir", str(run_dir), *(["--shuffle"] if shuffle else [])]
-    cmd = [*LAUNCH, "--main_process_port", str(free_port()), *args] if processes == 2 else [sys.executable, *args]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MMR_RUNS=str(tmp_path / "runs"))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    launch(args, processes, tmp_path, dict(MMR_RUNS=str(tmp_path / "runs")), timeout=180)
     return run_dir
 
 
@@ -85,11 +90,7 @@ def train_base(tmp_path: Path, name: str, batch: int, processes: int) -> Path:
     out = tmp_path / name
     args = [str(TRAIN_BASE), "--out", str(out), "--n-train", "48", "--n-val", "16", "--epochs", "2",
             "--batch-size", str(batch), "--device", "cpu", "--cache-dir", str(tmp_path / f"cache-{name}")]
-    cmd = [*LAUNCH, "--main_process_port", str(free_port()), *args] if processes == 2 else [sys.executable, *args]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MMR_CACHE=str(tmp_path / "data-cache"))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    launch(args, processes, tmp_path, dict(MMR_CACHE=str(tmp_path / "data-cache")), timeout=300)
     return out
 
 

@@ -49,12 +49,7 @@ def test_warm_up(no_kernel, capsys):  # the first call imports papermill and rea
     ("21_pruning", "position_policy", "shifted", "position_policy='shifted' is not a known choice"),
     ("21_pruning", "objective", "medium", "objective='medium' is not a known choice: give one of logmask, hard, soft"),
     ("21_pruning", "question_pool", "max", "question_pool='max' is not a known choice"),
-])
-def test_declared_choices(no_kernel, capsys, nb, name, value, message):
-    refused(capsys, ["run", nb, "-p", name, value], message)
-
-
-@pytest.mark.parametrize("nb, name, value, message", [
+    # numbers out of their declared range
     ("20_llava", "epochs", "-1", "20_llava: epochs=-1 is out of range: give a value >= 0"),
     ("20_llava", "batch_size", "0", "batch_size=0 is out of range: give a value >= 1"),
     ("20_llava", "n_test", "0", "n_test=0 is out of range: give a value >= 1"),
@@ -68,7 +63,7 @@ def test_declared_choices(no_kernel, capsys, nb, name, value, message):
     ("10_speech", "threads", "0", "10_speech: threads=0 is out of range: give a value >= 1"),
     ("10_speech", "grad_accum", "0", "grad_accum=0 is out of range"),
 ])
-def test_ranges(no_kernel, capsys, nb, name, value, message):
+def test_declared_choices_and_ranges(no_kernel, capsys, nb, name, value, message):
     refused(capsys, ["run", nb, "-p", name, value], message)
 
 
