@@ -165,11 +165,13 @@ PARAMETER_CHECKS = {
     "train_keep_ratios": _raises(_lazy("scorer", "check_keep_ratios")),
     "keep_ratios": _list_of(lambda x: _num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
     "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "scorer_train_share": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "val_fraction": _in_range(lambda v: 0 < v < 1, "in (0, 1)"), "max_train": AT_LEAST_0, "fastv_layer": AT_LEAST_0,
     **dict.fromkeys(("threads", "grad_accum", "lora_rank", "lora_alpha", "repeats", "new_tokens", "max_new_tokens",
                      "speed_reps", "image_size", "style_image_size"), AT_LEAST_1)}
 PATTERN_CHECKS = ((re.compile(r"n_\w+"), AT_LEAST_1), (re.compile(r"(\w+_)?epochs"), AT_LEAST_0),
-                  (re.compile(r"(\w+_)?batch_size"), AT_LEAST_1), (re.compile(r"(\w+_)?lr"), POSITIVE))
+                  (re.compile(r"(\w+_)?batch_size"), AT_LEAST_1), (re.compile(r"(\w+_)?lr"), POSITIVE),
+                  (re.compile(r"(\w+_)?weight_decay"), AT_LEAST_0))
 FREE_FORM = ("run_dir", "cache_dir", "config_overrides")  # run_dir: the runner's; the others: any value
 
 # %% ../nbs/90_runner.ipynb #5fe9ae1c

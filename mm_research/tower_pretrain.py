@@ -20,7 +20,7 @@ from .vqa_data import (HELD_OUT_PAIRS, SCENE_VQA_VERSION, SHAPE_COLORS, SHAPE_KI
 from .zoo import PRESETS, load_config, load_model, param_count
 
 # %% auto #0
-__all__ = ['TOWER_LABELS', 'TOWER_VERSION', 'presence_labels', 'tower_scenes', 'TowerProbe', 'label_accuracy',
+__all__ = ['TOWER_LABELS', 'TOWER_VERSION', 'presence_labels', 'patch_labels', 'tower_scenes', 'TowerProbe', 'label_accuracy',
            'majority_label_accuracy', 'pretrain_tower', 'pretrained_tower', 'pruning_base', 'auroc',
            'cls_attention_auroc']
 
@@ -33,9 +33,24 @@ def presence_labels(objects) -> np.ndarray:
     for _, _, c, k, _ in objects: present |= {f"{c} {k}", c, k}
     return np.array([label in present for label in TOWER_LABELS], np.float32)
 
+# %% ../nbs/22a_tower_pretrain.ipynb #7a0e0030
+def patch_labels(objects, grid: int = 12) -> np.ndarray:
+    "Per patch (row-major): 1 + colour and 1 + shape index of the object covering most of it (>= 1/4), else 0."
+    edges, colors = np.arange(grid + 1) / grid, list(SHAPE_COLORS)
+    cover = np.zeros((len(objects), grid, grid))
+    for i, (*_, (x0, y0, x1, y1)) in enumerate(objects):
+        share = lambda lo, hi: np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None) * grid
+        cover[i] = share(y0, y1)[:, None] * share(x0, x1)[None, :]
+    out = np.zeros((grid * grid, 2), np.int64)
+    if not len(objects): return out
+    best, covered = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1) >= 0.25
+    ids = np.array([[colors.index(c) + 1, SHAPE_KINDS.index(k) + 1] for _, _, c, k, _ in objects])
+    out[covered] = ids[best[covered]]
+    return out
+
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0008
 def tower_scenes(n: int, seed: int, processor, *, stream: int = 0, held_out=HELD_OUT_PAIRS) -> dict:
-    "`n` pretraining scenes (no held-out pair) from their own random stream: pixel values, labels, object patches."
+    "`n` pretraining scenes (no held-out pair) from their own stream: pixels, labels, patch labels, object patches."
     held = {tuple(p) for p in held_out}
     pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
     size = processor.image_processor.crop_size["height"]
@@ -44,30 +59,47 @@ def tower_scenes(n: int, seed: int, processor, *, stream: int = 0, held_out=HELD
         objects.append(random_objects(rng, pairs))
         images.append(render_objects(objects[-1], rng, size))
     pv = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    grid = size // processor.patch_size
     return dict(pixel_values=pv, labels=torch.tensor(np.stack([presence_labels(o) for o in objects])),
-                patch_mask=torch.tensor(np.stack([scene_patch_mask(o, size // processor.patch_size) for o in objects])))
+                patch_labels=torch.tensor(np.stack([patch_labels(o, grid) for o in objects])),
+                patch_mask=torch.tensor(np.stack([scene_patch_mask(o, grid) for o in objects])))
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e000b
 class TowerProbe(torch.nn.Module):
-    "A vision tower with a multi-label head on the CLS token of hidden state `layer`; loss: binary cross-entropy."
+    "A vision tower with heads on hidden state `layer`: scene labels from CLS, colour and shape from each patch."
     def __init__(self, tower: torch.nn.Module, layer: int, n_labels: int = len(TOWER_LABELS)):
         super().__init__()
         self.tower, self.layer, d = tower, layer, tower.config.hidden_size
         self.norm, self.head = torch.nn.LayerNorm(d), torch.nn.Linear(d, n_labels)
+        self.patch_norm = torch.nn.LayerNorm(d)
+        self.patch_color = torch.nn.Linear(d, len(SHAPE_COLORS) + 1)
+        self.patch_kind = torch.nn.Linear(d, len(SHAPE_KINDS) + 1)
 
-    def forward(self, pixel_values, labels=None):
-        cls = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer][:, 0]
-        logits = self.head(self.norm(cls))
+    def forward(self, pixel_values, labels=None, patch_labels=None):
+        h = self.tower(pixel_values, output_hidden_states=True).hidden_states[self.layer]
+        logits, patches = self.head(self.norm(h[:, 0])), self.patch_norm(h[:, 1:])
+        color, kind = self.patch_color(patches), self.patch_kind(patches)
         loss = None if labels is None else torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-        return SimpleNamespace(loss=loss, logits=logits)
+        if patch_labels is not None:
+            ce = lambda z, y: torch.nn.functional.cross_entropy(z.flatten(0, 1), y.flatten())
+            loss = loss + ce(color, patch_labels[..., 0]) + ce(kind, patch_labels[..., 1])
+        return SimpleNamespace(loss=loss, logits=logits, patch_color=color, patch_kind=kind)
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e000d
 @torch.no_grad()
 def label_accuracy(model, dl) -> dict:
-    "`{'eval_label_acc': share of right present/absent calls}` of a `TowerProbe` over `dl`."
+    "A `TowerProbe`'s share of right present/absent calls, and of right colours and shapes of object patches."
     model.eval()
-    hits = [((model(b["pixel_values"]).logits > 0) == (b["labels"] > 0.5)).flatten().cpu() for b in dl]
-    return accuracy(torch.cat(hits) if hits else [], name="eval_label_acc")
+    calls, colors, kinds = [], [], []
+    for b in dl:
+        out, y = model(b["pixel_values"]), b["patch_labels"]
+        calls.append(((out.logits > 0) == (b["labels"] > 0.5)).flatten().cpu())
+        obj = y[..., 0] > 0
+        colors.append((out.patch_color.argmax(-1) == y[..., 0])[obj].cpu())
+        kinds.append((out.patch_kind.argmax(-1) == y[..., 1])[obj].cpu())
+    cat = lambda hits: torch.cat(hits) if hits else []
+    return {**accuracy(cat(calls), name="eval_label_acc"), **accuracy(cat(colors), name="eval_patch_color_acc"),
+            **accuracy(cat(kinds), name="eval_patch_kind_acc")}
 
 def majority_label_accuracy(labels: torch.Tensor) -> float:
     "Accuracy of calling each label by its more frequent value in `labels` (chance for `label_accuracy`)."
@@ -75,22 +107,24 @@ def majority_label_accuracy(labels: torch.Tensor) -> float:
     return float(torch.maximum(p, 1 - p).mean())
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e000f
+_TOWER_KEYS = ("pixel_values", "labels", "patch_labels")
+
 def _tower_loader(data: dict, batch_size: int, shuffle: bool, seed: int = 0):
-    "A DataLoader of `{pixel_values, labels}` batches over tower scenes `data`."
-    collate = lambda idx: {k: data[k][torch.tensor(idx)] for k in ("pixel_values", "labels")}
+    "A DataLoader of `{pixel_values, labels, patch_labels}` batches over tower scenes `data`."
+    collate = lambda idx: {k: data[k][torch.tensor(idx)] for k in _TOWER_KEYS}
     return torch.utils.data.DataLoader(list(range(len(data["labels"]))), batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, generator=torch.Generator().manual_seed(seed))
 
 @torch.no_grad()
 def _probe_loss(probe, data: dict) -> float:
     probe.eval()
-    return float(probe(data["pixel_values"], data["labels"]).loss)
+    return float(probe(**{k: data[k] for k in _TOWER_KEYS}).loss)
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0011
-def pretrain_tower(model, train: dict, val: dict, *, epochs: int = 3, lr: float = 1e-2, batch_size: int = 32,
+def pretrain_tower(model, train: dict, val: dict, *, epochs: int = 3, lr: float = 3e-3, batch_size: int = 32,
                    seed: int = 0, device: str = "cpu", precision: str = "no", run_dir: str | Path,
                    progress: bool = False) -> dict:
-    "Pretrain `model`'s vision tower (a CLS head on its read layer) on tower scenes; best epoch on `val` loss kept."
+    "Pretrain `model`'s vision tower (CLS and patch heads on its read layer); best epoch on `val` loss kept."
     torch.manual_seed(seed)
     probe = TowerProbe(get_role(model, "vision_encoder"), model.config.vision_feature_layer).requires_grad_(True)
     before = _probe_loss(probe, val)
@@ -105,10 +139,10 @@ def pretrain_tower(model, train: dict, val: dict, *, epochs: int = 3, lr: float 
                 n_val=len(val["labels"]))
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0014
-TOWER_VERSION = 1
+TOWER_VERSION = 2  # 2: patch colour and shape heads
 
 def pretrained_tower(model_name: str, processor, *, seed: int = 0, n_tower: int = 512, epochs: int = 3,
-                     lr: float = 1e-2, batch_size: int = 32, device: str = "auto", cache_dir=None,
+                     lr: float = 3e-3, batch_size: int = 32, device: str = "auto", cache_dir=None,
                      progress: bool = False) -> tuple[Path, dict]:
     "`(folder, record)`: preset `model_name` (weights of `seed`) with its tower pretrained, as a cached checkpoint."
     if model_name not in PRESETS or PRESETS[model_name].reference:
@@ -132,28 +166,29 @@ def pretrained_tower(model_name: str, processor, *, seed: int = 0, n_tower: int 
     return cached_training("llava_tower_pretrain", spec, build, cache_dir)
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0015
-def _base_fit(model, train: dict, val: dict, folder: Path, epochs: int, lr: float, batch_size: int, seed: int,
-              device: str, precision: str, train_tower: bool, progress: bool) -> dict:
+def _base_fit(model, train: dict, val: dict, folder: Path, epochs: int, lr: float, weight_decay: float,
+              batch_size: int, seed: int, device: str, precision: str, train_tower: bool, progress: bool) -> dict:
     "Train `model` (its tower frozen unless `train_tower`) on VQA `train`, save its best epoch on `val` into `folder`."
     model.requires_grad_(True)
     if not train_tower: get_role(model, "vision_encoder").requires_grad_(False)
     steps, run_dir = epochs * -(-len(train["answers"]) // batch_size), Path(folder)/"fit"
     res = fit(model, vqa_loader(train, batch_size, True, seed), vqa_loader(val, 256, False), eval_fn=answer_accuracy,
-              epochs=epochs, lr=lr, scheduler="cosine", warmup_steps=max(1, steps // 10), best_metric="eval_acc",
-              best_mode="max", run_dir=run_dir, seed=seed, cpu=device == "cpu", mixed_precision=precision,
-              progress=progress)
+              epochs=epochs, lr=lr, weight_decay=weight_decay, scheduler="cosine", warmup_steps=max(1, steps // 10),
+              best_metric="eval_acc", best_mode="max", run_dir=run_dir, seed=seed, cpu=device == "cpu",
+              mixed_precision=precision, progress=progress)
     load_trainable(model, res.best_checkpoint)
     shutil.rmtree(run_dir, ignore_errors=True)
     model.eval().save_pretrained(folder)
-    return dict(trained=True, epochs=epochs, selected_on="val", trainable_params=res.trainable_params,
-                parameters=param_count(model), best=res.best, history=res.history, step_time_s=res.step_time_s,
+    return dict(trained=True, epochs=epochs, weight_decay=weight_decay, selected_on="val",
+                trainable_params=res.trainable_params, parameters=param_count(model), best=res.best,
+                history=res.history, step_time_s=res.step_time_s,
                 train_time_s=sum(h.get("train_time_s", 0) for h in res.history))
 
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0016
 def pruning_base(model_name: str, train: dict, val: dict, processor, *, seed: int = 0, n_tower: int = 512,
-                 tower_epochs: int = 3, tower_lr: float = 1e-2, tower_batch_size: int = 32, base_epochs: int = 2,
-                 lr: float = 2e-3, batch_size: int = 16, train_tower: bool = False, device: str = "auto",
-                 cache_dir=None, progress: bool = False):
+                 tower_epochs: int = 3, tower_lr: float = 3e-3, tower_batch_size: int = 32, base_epochs: int = 2,
+                 lr: float = 3e-3, weight_decay: float = 0.0, batch_size: int = 16, train_tower: bool = False,
+                 device: str = "auto", cache_dir=None, progress: bool = False):
     "`(model, record)`: a preset's tower pretrained (cached), then LLaVA trained on VQA `train`, best on `val`."
     numerics, tower = _numerics_of(device), None
     start = model_name
@@ -167,10 +202,10 @@ def pruning_base(model_name: str, train: dict, val: dict, processor, *, seed: in
     if base_epochs == 0: return model.eval(), dict(trained=False, epochs=0, tower=tower, parameters=param_count(model))
     fp = lambda d: tensor_fingerprint(d["pixel_values"], d["input_ids"], d["answer_tokens"], d["answer_mask"])
     spec = dict(model=model_name, start=weights_fingerprint(start), config=model.config.to_dict(), seed=seed,
-                data=fp(train), val_data=fp(val), epochs=base_epochs, lr=lr, batch_size=batch_size,
-                train_tower=train_tower, **numerics, version=1)
-    build = lambda folder: _base_fit(model, train, val, folder, base_epochs, lr, batch_size, seed, numerics["device"],
-                                     numerics["mixed_precision"], train_tower, progress)
+                data=fp(train), val_data=fp(val), epochs=base_epochs, lr=lr, weight_decay=weight_decay,
+                batch_size=batch_size, train_tower=train_tower, **numerics, version=1)
+    build = lambda folder: _base_fit(model, train, val, folder, base_epochs, lr, weight_decay, batch_size, seed,
+                                     numerics["device"], numerics["mixed_precision"], train_tower, progress)
     folder, record = cached_training("llava_pruning_base", spec, build, cache_dir)
     return load_model(folder, device=device, dtype="fp32").eval(), dict(record, tower=tower)
 

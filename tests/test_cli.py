@@ -199,7 +199,7 @@ def test_a_folder_holding_a_run_is_never_written_into(nbs, runs, tmp_path):
     assert (used / "metrics.json").read_text() == '{"mine": 1}'
 
 
-@pytest.mark.parametrize("name", ["reproduce.yaml", "reproduce-gpu.yaml"])
+@pytest.mark.parametrize("name", ["reproduce.yaml", "reproduce-gpu.yaml", "reproduce-deep.yaml"])
 def test_the_project_parameter_files_are_valid_for_the_experiments(name):
     from mm_research.core import project_root
     from mm_research.runner import load_param_files, runnable_notebooks

@@ -98,6 +98,7 @@ def test_tower_pretraining_lowers_its_val_loss_and_moves_only_the_tower(tmp_path
     rec = pretrain_tower(model, tower_scenes(48, 0, proc), tower_scenes(32, 0, proc, stream=1), epochs=2,
                          batch_size=16, run_dir=tmp_path/"fit")
     assert rec["best"]["eval_loss"] < rec["eval_loss_before"]
+    assert all(0 <= rec["best"][k] <= 1 for k in ("eval_label_acc", "eval_patch_color_acc", "eval_patch_kind_acc"))
     moved = lambda role: any(not torch.equal(p, q) for p, q in zip(get_role(model, role).parameters(),
                                                                    get_role(ref, role).parameters()))
     assert moved("vision_encoder") and not moved("language_model") and not moved("projector")

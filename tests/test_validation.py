@@ -56,6 +56,7 @@ def test_warm_up(no_kernel, capsys):  # the first call imports papermill and rea
     ("20_llava", "lr", "0", "lr=0.0 is out of range: give a value > 0"),
     ("21_pruning", "keep_ratios", "[0.5, 0]", "keep_ratios=[0.5, 0] has item(s) [0] that are not numbers in (0, 1]"),
     ("21_pruning", "train_keep_ratios", "[0.5, 1.5]", "train_keep_ratios=[0.5, 1.5] is refused"),
+    ("21_pruning", "scorer_train_share", "0", "scorer_train_share=0.0 is out of range: give a value in (0, 1]"),
     ("30_gated", "val_fraction", "1", "val_fraction=1.0 is out of range: give a value in (0, 1)"),
     ("30_gated", "seeds", "[]", "seeds=[] must be a non-empty list of ints >= 0"),
     ("30_gated", "seeds", "[0, 1.5]", "seeds=[0, 1.5] has item(s) [1.5] that are not ints >= 0"),

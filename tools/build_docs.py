@@ -172,7 +172,8 @@ def build_site(out: str | Path | None = None, executed_dir: str | Path | None = 
         title, name = doc_page(executed[nb], work/"pages", prefix="experiment-" if experiment else "")
         section = "Experiments: " if experiment else ""
         pages.append(("Home" if nb.stem == "index" else f"{section}{nb.stem[:2]} {title}", name))
-    if (root/"results").is_dir(): shutil.copytree(root/"results", work/"pages"/"results")  # the home page's figures
+    for published in ("results", "results-deep"):  # the home page's figures
+        if (root/published).is_dir(): shutil.copytree(root/published, work/"pages"/published)
     atomic_write(work/"mkdocs.yml", mkdocs_config(pages))
     subprocess.run([sys.executable, "-m", "mkdocs", "build", "--quiet", "--clean", "-f", str(work/"mkdocs.yml"),
                     "-d", str(out)], check=True, cwd=work, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
