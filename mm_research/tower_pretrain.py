@@ -36,13 +36,11 @@ def presence_labels(objects) -> np.ndarray:
 # %% ../nbs/22a_tower_pretrain.ipynb #7a0e0030
 def patch_labels(objects, grid: int = 12) -> np.ndarray:
     "Per patch (row-major): 1 + colour and 1 + shape index of the object covering most of it (>= 1/4), else 0."
-    edges, colors = np.arange(grid + 1) / grid, list(SHAPE_COLORS)
-    cover = np.zeros((len(objects), grid, grid))
-    for i, (*_, (x0, y0, x1, y1)) in enumerate(objects):
-        share = lambda lo, hi: np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None) * grid
-        cover[i] = share(y0, y1)[:, None] * share(x0, x1)[None, :]
     out = np.zeros((grid * grid, 2), np.int64)
     if not len(objects): return out
+    edges, colors = np.arange(grid + 1) / grid, list(SHAPE_COLORS)
+    share = lambda lo, hi: np.clip(np.minimum(edges[1:], hi) - np.maximum(edges[:-1], lo), 0, None) * grid
+    cover = np.stack([share(y0, y1)[:, None] * share(x0, x1)[None, :] for *_, (x0, y0, x1, y1) in objects])
     best, covered = cover.argmax(0).reshape(-1), cover.max(0).reshape(-1) >= 0.25
     ids = np.array([[colors.index(c) + 1, SHAPE_KINDS.index(k) + 1] for _, _, c, k, _ in objects])
     out[covered] = ids[best[covered]]

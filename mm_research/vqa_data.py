@@ -147,10 +147,10 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator, size:
         w.writerows(rows)
 
 # %% ../nbs/20_vqa_data.ipynb #7a0007
-def _make_set(root, what: str, manifest: str, version: int, write_split, n_train: int, n_val: int, n_test: int,
-              seed: int, size: int, held_out) -> Path:
+def _make_set(root, what: str, manifest: str, version: int, write_split, n_train: int, n_val: int | None,
+              n_test: int, seed: int, size: int, held_out) -> Path:
     "`root` holding a synthesized VQA set: `write_split(root, split, n, rng, pairs, held, seen, unique)` per split."
-    held = {tuple(p) for p in held_out}
+    n_val, held = n_test if n_val is None else n_val, {tuple(p) for p in held_out}
     train_pairs = tuple(p for p in SHAPE_PAIRS if p not in held)
     if not held <= set(SHAPE_PAIRS) or {c for c, _ in train_pairs} != set(SHAPE_COLORS) \
             or {k for _, k in train_pairs} != set(SHAPE_KINDS):
@@ -174,8 +174,8 @@ def make_shape_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, see
     "`root`, holding the shape-VQA set (train/val/test.csv, images/; val, test unseen in training): written or reused."
     write = lambda root, split, n, rng, pairs, held, seen, unique: _write_split(root, split, n, rng, size, pairs, held,
                                                                                seen, unique)
-    return _make_set(root, "a shape-VQA set", "shape_vqa.json", SHAPE_VQA_VERSION, write, n_train,
-                     n_test if n_val is None else n_val, n_test, seed, size, held_out)
+    return _make_set(root, "a shape-VQA set", "shape_vqa.json", SHAPE_VQA_VERSION, write, n_train, n_val, n_test,
+                     seed, size, held_out)
 
 
 # %% ../nbs/20_vqa_data.ipynb #7a00c2
@@ -366,8 +366,8 @@ def make_scene_vqa(root: str | Path, n_train: int = 2000, n_test: int = 400, see
     "`root`, holding the scene-VQA set (train/val/test.csv with `objects`, images/; val, test unseen in training)."
     write = lambda root, split, n, rng, pairs, held, seen, unique: _write_scene_split(root, split, n, rng, size, pairs,
                                                                                      pairs, held, seen, unique)
-    return _make_set(root, "a scene-VQA set", "scene_vqa.json", SCENE_VQA_VERSION, write, n_train,
-                     n_test if n_val is None else n_val, n_test, seed, size, held_out)
+    return _make_set(root, "a scene-VQA set", "scene_vqa.json", SCENE_VQA_VERSION, write, n_train, n_val, n_test,
+                     seed, size, held_out)
 
 def scene_vqa_root(n_train: int, n_test: int, seed: int, size: int = 96, *, n_val: int | None = None) -> Path:
     "The cache folder for the scene-VQA set for these settings, named by `SCENE_VQA_VERSION`."

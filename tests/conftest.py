@@ -46,12 +46,11 @@ def isolated(tmp_path, monkeypatch):
     return tmp_path
 
 
-def set_writable(folder: Path, writable: bool) -> Path:
-    "`folder`, with every file and folder under it made read-only (or writable again)."
+def set_writable(folder: Path, writable: bool) -> None:
+    "Every file and folder under `folder` made read-only (or writable again)."
     for p in sorted(folder.rglob("*"), reverse=True) + [folder]:
         mode = stat.S_IMODE(p.stat().st_mode)
         p.chmod(mode | 0o200 if writable else mode & ~0o222)
-    return folder
 
 
 @contextlib.contextmanager
