@@ -1,4 +1,4 @@
-"""Benchmark `mm_research.report` on the reference presets: build on meta + full structure report.
+"""Benchmark `mm_research.structure.report` on the reference presets: build on meta + full structure report.
 
 Each measurement runs in a fresh subprocess, after its imports (torch, transformers, mm_research and the
 model's own transformers classes), so imports are not timed and RSS growth is the model's alone:
@@ -66,7 +66,7 @@ def measure_one(name: str, mode: str) -> dict:
     import torch, transformers
     from mm_research import zoo
     from mm_research.inspect import _sub_configs
-    from mm_research.report import structure_report
+    from mm_research.structure.report import structure_report
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
     config = zoo.load_config(name)
     zoo.model_class_for(config)  # imports the model's transformers module (lazy in transformers)

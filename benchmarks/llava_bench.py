@@ -1,4 +1,4 @@
-"""Benchmark the one-pass LLaVA vision features (`mm_research.llava.encode_images`).
+"""Benchmark the one-pass LLaVA vision features (`mm_research.llava.features.encode_images`).
 
 Per model, on one batch of images, interleaved so that machine load hits every path alike:
 
@@ -24,7 +24,7 @@ import torch
 
 from mm_research.core import environment_record, resolve_device, runs_root, save_metrics
 from mm_research.inspect import get_role
-from mm_research.llava import encode_images
+from mm_research.llava.features import encode_images
 from mm_research.zoo import build_model, load_config
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the end-to-end cost of every vision-token pruning method (`mm_research.e2e_cost`, issue 15).
+"""Benchmark the end-to-end cost of every vision-token pruning method (`mm_research.pruning.cost`, issue 15).
 
 On the tiny LLaVA where the methods are in regime (8 LM layers, 144 image tokens, random seeded weights), for
 each batch size x method x keep ratio, one greedy `generate()` of `--new-tokens` tokens with the KV cache, the
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mm_research.core import environment_record, resolve_device, runs_root, save_metrics
-from mm_research.e2e_cost import KEEP_RATIOS, METHODS, cost_table, prepare_model, synthetic_batch, tiny_e2e_llava
+from mm_research.pruning.cost import KEEP_RATIOS, METHODS, cost_table, prepare_model, synthetic_batch, tiny_e2e_llava
 
 
 def floats(s: str) -> list[float]: return [float(x) for x in s.split(",")]

@@ -64,7 +64,7 @@ def timed(fn, device, repeats: int) -> float:
 def throughput(ckpt: Path, device, dtype, batch: int, repeats: int) -> dict:
     "Clips per second encoded by each strategy (features made once, outside the timing)."
     from mm_research.zoo import load_model, load_processor
-    from mm_research.speech import SpeechEncoder
+    from mm_research.speech.encoder import SpeechEncoder
     model, proc = load_model(str(ckpt), device=str(device), dtype=dtype), load_processor(str(ckpt))
     out = {}
     for strategy in ("audio_tower", "full_forward"):
@@ -78,8 +78,8 @@ def throughput(ckpt: Path, device, dtype, batch: int, repeats: int) -> dict:
 
 LOAD = """
 import json, torch
-from mm_research.profiler import MemoryProfiler
-from mm_research.speech import load_audio_tower
+from mm_research.memory.profiler import MemoryProfiler
+from mm_research.speech.encoder import load_audio_tower
 from mm_research.zoo import load_model
 path, device, how = {path!r}, {device!r}, {how!r}
 load_model(path, meta=True)   # imports and lazy initialisation outside the measured phase
@@ -108,9 +108,9 @@ def load_memory(ckpt: Path, device) -> dict:
 def train_step(ckpt: Path, device, batch: int, repeats: int, rank: int) -> dict:
     "One optimizer step of the keyword classifier: LoRA (q,k,v,o) vs full fine-tuning of the tower."
     from mm_research.zoo import load_processor
-    from mm_research.speech import SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower
-    from mm_research.estimates import estimate
-    from mm_research.profiler import MemoryProfiler
+    from mm_research.speech.encoder import SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower
+    from mm_research.memory.estimates import estimate
+    from mm_research.memory.profiler import MemoryProfiler
     proc, out = load_processor(str(ckpt)), {}
     for mode in ("lora", "full"):
         enc = SpeechEncoder(load_audio_tower(str(ckpt), device=str(device), dtype="fp32"), proc, "audio_tower")

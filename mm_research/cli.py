@@ -83,13 +83,13 @@ def _reproduce(args) -> int:
 
 # %% ../nbs/92_cli.ipynb #41b135b5
 def _inspect(args) -> int:
-    from mm_research.report import structure_report
+    from mm_research.structure.report import structure_report
     rep = structure_report(args.model, depth=args.depth)
     print(rep.to_json() if args.json else str(rep))
     return 0
 
 def _memory(args) -> int:
-    from mm_research.phase_profile import memory_report, report_text
+    from mm_research.memory.phase_profile import memory_report, report_text
     report = memory_report(args.model, device=args.device)
     print(json.dumps(report, indent=2) if args.json else report_text(report))
     return 0

@@ -152,17 +152,17 @@ _TINY = lambda: [n for n, p in _lazy("zoo", "PRESETS")().items() if not p.refere
 PARAMETER_CHECKS = {
     "device": _raises(_lazy("core", "resolve_device")), "model": _model, "style_model": _model,
     "data_dir": _existing_path, "style_checkpoint": _existing_path, "tiny_presets": _items(_TINY),
-    "pruner": _one_of(_lazy("pruners", "KNOWN_PRUNERS"), ("all",)), "modes": _items(_lazy("speech", "TRAIN_MODES")),
-    "strategy": _one_of(_lazy("speech", "STRATEGIES"), ("auto",)), "targets": _items(_lazy("lora", "KIND_NAMES")),
-    "train_parts": _raises(_lazy("gated", "parse_parts")), "phases": _items(_lazy("phase_profile", "PHASES")),
-    "optimizer": _one_of(lambda: [k for k in _lazy("estimates", "OPTIMIZER_STATES")() if k]),
-    "dtype": _DTYPE, "trainable_dtype": _DTYPE, "position_policy": _one_of(_lazy("pruners", "POSITION_POLICIES")),
-    "train_mode": _one_of(_lazy("pruners", "APPLY_MODES")), "question_pool": _one_of(_lazy("scorer", "QUESTION_POOLS")),
+    "pruner": _one_of(_lazy("pruning.base", "KNOWN_PRUNERS"), ("all",)), "modes": _items(_lazy("speech.encoder", "TRAIN_MODES")),
+    "strategy": _one_of(_lazy("speech.encoder", "STRATEGIES"), ("auto",)), "targets": _items(_lazy("structure.lora", "KIND_NAMES")),
+    "train_parts": _raises(_lazy("gated.model", "parse_parts")), "phases": _items(_lazy("memory.phase_profile", "PHASES")),
+    "optimizer": _one_of(lambda: [k for k in _lazy("memory.estimates", "OPTIMIZER_STATES")() if k]),
+    "dtype": _DTYPE, "trainable_dtype": _DTYPE, "position_policy": _one_of(_lazy("pruning.base", "POSITION_POLICIES")),
+    "train_mode": _one_of(_lazy("pruning.base", "APPLY_MODES")), "question_pool": _one_of(_lazy("pruning.learned", "QUESTION_POOLS")),
     "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _int(x) and x >= 0, "ints >= 0", "[0, 1, 2]"),
     "lrs": _list_of(lambda x: _num(x) and x > 0, "numbers > 0", "[0.001, 0.01]"),
     "fastv_ks": _list_of(lambda x: _int(x) and x >= 1, "ints >= 1", "[2, 4]"),
-    "objective": _one_of(_lazy("scorer", "OBJECTIVES")),
-    "train_keep_ratios": _raises(_lazy("scorer", "check_keep_ratios")),
+    "objective": _one_of(_lazy("pruning.learned", "OBJECTIVES")),
+    "train_keep_ratios": _raises(_lazy("pruning.learned", "check_keep_ratios")),
     "keep_ratios": _list_of(lambda x: _num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
     "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "scorer_train_share": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -206,7 +206,7 @@ def check_data_dir(experiment: str, params: dict) -> None:
     if root is None or kind is None: return
     root = Path(str(root)).expanduser()
     try:
-        from mm_research.vqa_data import read_artquest, vqa_layout
+        from mm_research.llava.vqa_data import read_artquest, vqa_layout
         trains = any(params.get(k) for k in ("epochs", "base_epochs"))
         if kind == "speech": _speech_layout(root)
         elif kind == "artquest": read_artquest(root, "train")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import read_only, tree_digest
-from mm_research.art_data import make_art_set
+from mm_research.gated.art_data import make_art_set
 from mm_research.runner import run_notebook
-from mm_research.speech_data import write_wav
+from mm_research.speech.data import write_wav
 from mm_research.zoo import save_preset
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm_research.art_data import (ART_COLORS, ART_STYLES, ArtQuestDataset, art_fingerprint, art_splits,
+from mm_research.gated.art_data import (ART_COLORS, ART_STYLES, ArtQuestDataset, art_fingerprint, art_splits,
                                   make_art_set, paint_art)
-from mm_research.vqa_data import read_artquest
+from mm_research.llava.vqa_data import read_artquest
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
 

@@ -6,7 +6,7 @@ from itertools import combinations
 from pathlib import Path
 import numpy as np, pytest
 from scipy.io import wavfile
-from mm_research.speech_data import (SpokenCommandsConfig, spoken_commands, load_audio_folder, read_wav, check_voice,
+from mm_research.speech.data import (SpokenCommandsConfig, spoken_commands, load_audio_folder, read_wav, check_voice,
                                      COMMAND_WORDS, SAMPLE_RATE, VOICE_SPLITS)
 from mm_research.zoo import VOCAB_WORDS
 

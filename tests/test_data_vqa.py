@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mm_research.vqa_data import (HELD_OUT_PAIRS, SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa,
+from mm_research.llava.vqa_data import (HELD_OUT_PAIRS, SHAPE_COLORS, VQA_ANSWERS, VQA_TYPES, load_vqa, make_shape_vqa,
                                   render_scene, scene_questions, split_overlap)
 from mm_research.zoo import PUNCT, VOCAB_WORDS, load_processor
 
@@ -143,7 +143,7 @@ def test_loader_errors_list_offenders(tmp_path):
 
 
 def test_encoded_for_tiny_llava(vqa_root):
-    from mm_research.vqa import encode_vqa, vqa_training_batch
+    from mm_research.llava.vqa import encode_vqa, vqa_training_batch
     proc = load_processor("tiny-llava")
     rows = load_vqa(vqa_root, "test")
     data = encode_vqa(rows, proc)
@@ -195,6 +195,6 @@ def test_user_layouts_are_read_and_left_untouched(tmp_path):
     assert [(r["question"], r["answer"], r["image"]) for r in train] == [
         ("what color ?", "Red", str(root/"images/a.png"))]
     assert (test[0]["question"], test[0]["type"], test[0]["image"]) == ("what color ?", "color", str(root/"b.png"))
-    from mm_research.vqa import encode_vqa
+    from mm_research.llava.vqa import encode_vqa
     enc = encode_vqa(test, load_processor("tiny-llava"))
     assert enc["types"] == ["color"] and enc["answers"] == ["blue"]

@@ -1,4 +1,4 @@
-"""End-to-end pruning cost (mm_research.e2e_cost) on the tiny LLaVA with 8 LM layers and 144 image tokens: KV bytes
+"""End-to-end pruning cost (mm_research.pruning.cost) on the tiny LLaVA with 8 LM layers and 144 image tokens: KV bytes
 by hand, every method end to end at batch 2, one-line errors, and the benchmark script with tiny settings."""
 import importlib.util
 import json
@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mm_research.e2e_cost import (METHODS, cost_table, method_cost, prepare_model, run_once, synthetic_batch,
+from mm_research.pruning.cost import (METHODS, cost_table, method_cost, prepare_model, run_once, synthetic_batch,
                                   tiny_e2e_llava)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mm_research.fastv import fastv, fastv_keep_count, fastv_prefill_flops
-from mm_research.visionzip import visionzip_embeds, visionzip_selection, visionzip_split
+from mm_research.pruning.fastv import fastv, fastv_keep_count, fastv_prefill_flops
+from mm_research.pruning.visionzip import visionzip_embeds, visionzip_selection, visionzip_split
 from mm_research.zoo import build_model, load_config, override_config, tiny_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there in the picture ?"]
@@ -80,7 +80,7 @@ def test_visionzip(tiny):
 
 
 def test_sparsevlm(tiny):
-    from mm_research.sparsevlm import sparsevlm
+    from mm_research.pruning.sparsevlm import sparsevlm
     m, _, _, batch = tiny
     n = batch["input_ids"].shape[1]
     with pytest.raises(ValueError, match="must increase") as e:

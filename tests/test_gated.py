@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 from mm_research.runner import notebook_parameters
-from mm_research.gated import (DEFAULT_TRAIN_PARTS, METHODS, ArtVQACollator, GatedLinear, StyleGatedBlip2,
+from mm_research.gated.model import (DEFAULT_TRAIN_PARTS, METHODS, ArtVQACollator, GatedLinear, StyleGatedBlip2,
                                apply_freeze_plan, build_gated_model, cast_language_model, cross_attention_kv,
                                gate_parameters, generate_answer_ids, load_blip2, parameter_groups, parameter_table,
                                style_query_parameters, vqa_loss)
-from mm_research.gated_base import AttributeCollator, AttributePrefixLM, prefix_lm_loss
+from mm_research.gated.base_lm import AttributeCollator, AttributePrefixLM, prefix_lm_loss
 from mm_research.core import save_safetensors
 from mm_research.inspect import get_role, roles
-from mm_research.style import build_style_encoder
+from mm_research.gated.style import build_style_encoder
 from mm_research.zoo import load_processor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_generation_mixed_precision_batch2(batch):
 
 
 def test_no_module_entry_point():
-    import mm_research.gated as gated
+    import mm_research.gated.model as gated
     assert not hasattr(gated, "main") and not hasattr(gated, "run_gated_experiment")
 
 

@@ -5,8 +5,8 @@ import pytest, torch, transformers
 from torch import nn
 import mm_research.inspect as inspect_mod
 from mm_research.inspect import ROLES, get_role, roles
-from mm_research.lora import LoraTargets, expected_lora_params, lora_targets
-from mm_research.report import structure_report
+from mm_research.structure.lora import LoraTargets, expected_lora_params, lora_targets
+from mm_research.structure.report import structure_report
 from mm_research.zoo import load_config, load_model, reference_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

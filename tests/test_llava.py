@@ -1,5 +1,5 @@
-"""Outside interfaces of mm_research.llava (one-pass features, padded batches, exact parity of the evaluation modes)
-and of mm_research.vqa's cached base training."""
+"""Outside interfaces of mm_research.llava.features (one-pass features, padded batches, exact parity of the evaluation modes)
+and of mm_research.llava.vqa's cached base training."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mm_research.inspect import get_role
-from mm_research.llava import (EVAL_MODES, build_inputs_embeds, encode_images, mode_generate, mode_inputs,
+from mm_research.llava.features import (EVAL_MODES, build_inputs_embeds, encode_images, mode_generate, mode_inputs,
                                mode_logits, parity_report, position_ids_from_mask, select_image_features, soft_prune)
 from mm_research.zoo import build_model, load_config, tiny_processor
 
@@ -154,8 +154,8 @@ def test_two_tower_calls_are_bitwise_identical_in_eval():
 
 
 def test_trained_base_is_cached_by_hash_and_selected_on_val(tmp_path):
-    from mm_research.vqa import encode_vqa, train_vqa_base
-    from mm_research.vqa_data import load_vqa, make_shape_vqa
+    from mm_research.llava.vqa import encode_vqa, train_vqa_base
+    from mm_research.llava.vqa_data import load_vqa, make_shape_vqa
     from mm_research.zoo import load_processor
     root = make_shape_vqa(tmp_path/"vqa", n_train=64, n_test=16, seed=0)
     proc = load_processor("tiny-llava")

@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest, torch
 from torch import nn
 from peft import LoraConfig, get_peft_model
-from mm_research.accounting import param_summary, param_table, state_bytes
-from mm_research.estimates import (estimate, experiment_setups, gated_setup, pruning_setup, setup_estimates,
+from mm_research.memory.accounting import param_summary, param_table, state_bytes
+from mm_research.memory.estimates import (estimate, experiment_setups, gated_setup, pruning_setup, setup_estimates,
                                    speech_setup)
-from mm_research.lora import lora_targets
-from mm_research.phase_profile import memory_report, profile, report_text
-from mm_research.profiler import MemoryProfiler
+from mm_research.structure.lora import lora_targets
+from mm_research.memory.phase_profile import memory_report, profile, report_text
+from mm_research.memory.profiler import MemoryProfiler
 from mm_research.zoo import load_model, load_processor
 
 MB = 10**6
@@ -114,11 +114,11 @@ def test_real_size_estimates_count_the_modules_the_experiments_train():
 
 def test_tiny_estimates_equal_what_the_experiments_train():
     "Each tiny module built as its experiment builds it, with weights, against the estimate of the meta setup."
-    from mm_research.gated import build_gated_model
-    from mm_research.scorer import ScorerTraining, TokenScorer
-    from mm_research.speech import KeywordClassifier, SpeechEncoder, add_lora, freeze_for_mode, load_audio_tower
-    from mm_research.speech_data import COMMAND_WORDS
-    from mm_research.style import build_style_encoder
+    from mm_research.gated.model import build_gated_model
+    from mm_research.pruning.learned import ScorerTraining, TokenScorer
+    from mm_research.speech.encoder import KeywordClassifier, SpeechEncoder, add_lora, freeze_for_mode, load_audio_tower
+    from mm_research.speech.data import COMMAND_WORDS
+    from mm_research.gated.style import build_style_encoder
     enc = SpeechEncoder(load_audio_tower("tiny-qwen2-audio", device="cpu"), load_processor("tiny-qwen2-audio"))
     add_lora(enc, r=16, alpha=32, kinds="q,k,v,o")
     n_speech = freeze_for_mode(KeywordClassifier(enc, len(COMMAND_WORDS)), "lora")
@@ -132,8 +132,8 @@ def test_tiny_estimates_equal_what_the_experiments_train():
 
 def test_setup_defaults_are_the_experiments_defaults():
     from mm_research.runner import notebook_parameters
-    from mm_research.gated import DEFAULT_TRAIN_PARTS
-    from mm_research.scorer import train_scorer
+    from mm_research.gated.model import DEFAULT_TRAIN_PARTS
+    from mm_research.pruning.learned import train_scorer
     default = lambda nb, k: notebook_parameters(EXPERIMENTS / f"{nb}.ipynb")[k]["default"]
     sig = lambda f: {k: v.default for k, v in inspect.signature(f).parameters.items()}
     speech = sig(speech_setup)

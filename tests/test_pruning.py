@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from mm_research.inspect import get_role
-from mm_research.llava import mode_logits, position_ids_from_mask
-from mm_research.prune_cost import counted_flops, lm_prefill_flops
-from mm_research.prune_eval import (answer_hits, compare_pruners, format_accuracy, generated_answers, hit_rates,
+from mm_research.llava.features import mode_logits, position_ids_from_mask
+from mm_research.pruning.prefill import counted_flops, lm_prefill_flops
+from mm_research.pruning.evaluate import (answer_hits, compare_pruners, format_accuracy, generated_answers, hit_rates,
                                     pruning_accuracy_figure, seed_rates, sweep_accuracy, sweep_hits)
-from mm_research.pruners import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, check_pruner, image_token_mask,
+from mm_research.pruning.base import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, check_pruner, image_token_mask,
                                  in_llm, keep_count, parse_setting, pool_selection, pruned_logits, pruned_prompt,
                                  select_tokens, topk_selection, use_eager_vision, vision_pass)
-from mm_research.scorer import ScorerTraining, TokenScorer, train_scorer
+from mm_research.pruning.learned import ScorerTraining, TokenScorer, train_scorer
 from mm_research.stats import mcnemar, paired_bootstrap
 from mm_research.zoo import build_model, load_config, override_config, tiny_processor
 
@@ -155,7 +155,7 @@ def test_flops_analytic_matches_counter(model_batch):
 
 def test_sweep_keep_all_row_is_baseline(model_batch):
     m, proc, b = model_batch
-    from mm_research.vqa import answer_tokens
+    from mm_research.llava.vqa import answer_tokens
     toks, mask = answer_tokens(proc.tokenizer, ["red", "two", "top left"])
     data = dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "count", "corner"])
     acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2, fastv_layer=1)
@@ -253,7 +253,7 @@ def deep_batch():
     "A 4-layer LM (FastV at K=2 has layers before and after its cut) and a left-padded batch of two."
     m, proc = tiny(lm_layers=4)
     b = make_batch(proc, n=2, seed=1, questions=QUESTIONS[::2])
-    from mm_research.vqa import answer_tokens
+    from mm_research.llava.vqa import answer_tokens
     toks, mask = answer_tokens(proc.tokenizer, ["red", "top left"])
     return m, dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "corner"])
 
@@ -287,7 +287,7 @@ def test_fastv_cache_and_keep_sets_through_pruned_prompt(deep_batch):
     with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 8]
     sel = select_tokens(m, data, "fastv", 0.5)            # FastV's keep set = the top 8 of its layer-2 signal
-    from mm_research.pruners import kept_slots
+    from mm_research.pruning.base import kept_slots
     assert torch.equal(sel.slots, kept_slots(st))
     inputs, ctx = pruned_prompt(m, data, "sparsevlm", 0.25, sparsevlm_layers=(2, 3))   # after 2 (to 8), 3 (to 4)
     with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mm_research.inspect import get_role
-from mm_research.vqa_data import HELD_OUT_PAIRS, load_vqa, make_scene_vqa, split_overlap
+from mm_research.llava.vqa_data import HELD_OUT_PAIRS, load_vqa, make_scene_vqa, split_overlap
 from mm_research.zoo import load_config, load_model, load_processor, save_preset
 
 # Typed here from vqa_data.SHAPE_COLORS's definition, not read from the library.
@@ -92,7 +92,7 @@ def test_deep_preset_round_trips_through_save_preset(tmp_path):
 
 
 def test_tower_pretraining_lowers_its_val_loss_and_moves_only_the_tower(tmp_path):
-    from mm_research.tower_pretrain import pretrain_tower, tower_scenes
+    from mm_research.llava.tower_pretrain import pretrain_tower, tower_scenes
     proc = load_processor("tiny-llava-deep")
     model, ref = load_model("tiny-llava-deep", device="cpu"), load_model("tiny-llava-deep", device="cpu")
     rec = pretrain_tower(model, tower_scenes(48, 0, proc), tower_scenes(32, 0, proc, stream=1), epochs=2,
@@ -105,8 +105,8 @@ def test_tower_pretraining_lowers_its_val_loss_and_moves_only_the_tower(tmp_path
 
 
 def test_pruning_base_is_cached_and_keeps_the_pretrained_tower_frozen(tmp_path, scenes):
-    from mm_research.tower_pretrain import pretrained_tower, pruning_base
-    from mm_research.vqa import encode_vqa
+    from mm_research.llava.tower_pretrain import pretrained_tower, pruning_base
+    from mm_research.llava.vqa import encode_vqa
     proc = load_processor("tiny-llava-deep")
     train, val = (encode_vqa(load_vqa(scenes, s)[:n], proc) for s, n in (("train", 24), ("val", 8)))
     kw = dict(seed=0, n_tower=32, tower_epochs=1, tower_batch_size=8, base_epochs=1, batch_size=8, device="cpu",

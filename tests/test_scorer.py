@@ -1,12 +1,12 @@
-"The learned pruner's trainer (mm_research.scorer): argument checks, and a kept set that follows the question."
+"The learned pruner's trainer (mm_research.pruning.learned): argument checks, and a kept set that follows the question."
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
 
-from mm_research.pruners import select_tokens, use_eager_vision
-from mm_research.scorer import (DEFAULT_KEEP_RATIOS, OBJECTIVES, ScorerTraining, TokenScorer, question_groups,
+from mm_research.pruning.base import select_tokens, use_eager_vision
+from mm_research.pruning.learned import (DEFAULT_KEEP_RATIOS, OBJECTIVES, ScorerTraining, TokenScorer, question_groups,
                                 question_relevance, shape_relevance_set, train_scorer)
 from mm_research.zoo import build_model, load_config, tiny_processor
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np, pytest, torch
 from mm_research.zoo import load_model, load_processor, load_config, param_count
 from mm_research.inspect import get_role, roles
-from mm_research.lora import expected_lora_params, lora_targets
-from mm_research.speech import (SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower,
+from mm_research.structure.lora import expected_lora_params, lora_targets
+from mm_research.speech.encoder import (SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower,
                                 checkpoint_weight_map, choose_strategy, encode_tower, tower_features, masked_mean)
 
 CLIPS = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * .1
@@ -77,8 +77,8 @@ def test_tower_only_peak_memory_is_tower_size(tmp_path):
     def peak(call):
         code = textwrap.dedent(f"""
             import torch
-            from mm_research.profiler import MemoryProfiler
-            from mm_research.speech import load_audio_tower
+            from mm_research.memory.profiler import MemoryProfiler
+            from mm_research.speech.encoder import load_audio_tower
             from mm_research.zoo import load_model
             load_model('{tmp_path / 'ckpt'}', meta=True)   # imports and lazy initialisation, outside the measured phase
             prof = MemoryProfiler('cpu')

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 
-from mm_research.art_data import ART_STYLES, art_splits, make_art_set
-from mm_research.style import (build_style_encoder, load_style_encoder, save_style_encoder, style_images,
+from mm_research.gated.art_data import ART_STYLES, art_splits, make_art_set
+from mm_research.gated.style import (build_style_encoder, load_style_encoder, save_style_encoder, style_images,
                                train_style_encoder)
 
 

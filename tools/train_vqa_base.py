@@ -1,6 +1,6 @@
 """Train the 20_llava base (a LLaVA trained whole on VQA) in one process or many, and save it as a checkpoint.
 
-The same training as the notebook (`mm_research.vqa.train_vqa_base`: `fit` on Accelerate, best epoch on
+The same training as the notebook (`mm_research.llava.vqa.train_vqa_base`: `fit` on Accelerate, best epoch on
 validation, cached), run by `accelerate launch` on as many processes as you have GPUs:
 
     .venv/bin/python tools/train_vqa_base.py --out bases/tiny                  # one process, the tiny preset
@@ -23,8 +23,8 @@ import torch
 from accelerate import PartialState
 
 from mm_research.core import atomic_write, to_jsonable
-from mm_research.vqa import encode_vqa, train_vqa_base
-from mm_research.vqa_data import load_vqa, make_shape_vqa, shape_vqa_root
+from mm_research.llava.vqa import encode_vqa, train_vqa_base
+from mm_research.llava.vqa_data import load_vqa, make_shape_vqa, shape_vqa_root
 from mm_research.zoo import load_processor, save_checkpoint
 
 

@@ -1,0 +1,86 @@
+"The package's layout: concerns as subpackages, imports pointing down only, pruning methods named only in pruning/."
+import ast, re
+from pathlib import Path
+import mm_research
+
+PKG = Path(mm_research.__file__).parent
+# Ground floor, then the concerns from low to high, then the top. An import may point to its own concern or lower.
+FLOORS = {"ground": ("core", "stats", "zoo", "inspect", "checkpoints", "cache", "train"),
+          "top": ("setups", "runner", "reproduce", "cli")}
+RANK = {"ground": 0, "structure": 1, "memory": 2, "speech": 3, "llava": 3, "pruning": 4, "gated": 5, "top": 6}
+PRUNING_WORDS = re.compile(r"fastv|visionzip|sparsevlm|token ?scorer|pruner", re.I)
+
+
+def modules() -> dict[str, Path]:
+    "Every module of the package by dotted name (without the package), generated files excluded."
+    return {".".join(p.relative_to(PKG).with_suffix("").parts): p for p in PKG.rglob("*.py")
+            if p.name not in ("__init__.py", "_modidx.py")}
+
+
+def imports(name: str, path: Path) -> list[tuple[str, bool]]:
+    "(imported project module, inside a function?) for every project import of module `name`."
+    tree, out = ast.parse(path.read_text()), []
+    pkg = name.split(".")[:-1]
+    def visit(node, nested):
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom):
+                base = pkg[:len(pkg) - child.level + 1] if child.level else []
+                mod = ".".join(base + (child.module or "").split(".")) if child.level else child.module or ""
+                if child.level or mod.startswith("mm_research"):
+                    mod = mod.removeprefix("mm_research").strip(".")
+                    targets = [f"{mod}.{a.name}".strip(".") for a in child.names]
+                    out.extend((t if t in modules() else mod, inner) for t in targets)
+            elif isinstance(child, ast.Import):
+                out.extend((a.name.removeprefix("mm_research.").removeprefix("mm_research"), inner)
+                           for a in child.names if a.name.startswith("mm_research"))
+            visit(child, inner)
+    visit(tree, False)
+    return [(m, n) for m, n in out if m in modules()]
+
+
+def concern(name: str) -> str:
+    "The concern of module `name`: its subpackage, or the floor of a flat module."
+    head = name.split(".")[0]
+    return next((floor for floor, names in FLOORS.items() if head in names), head)
+
+
+def test_concerns_are_subpackages():
+    subs = {p.name for p in PKG.iterdir() if p.is_dir() and (p/"__init__.py").exists()}
+    assert {"structure", "memory", "speech", "llava", "pruning", "gated"} <= subs
+    assert set(map(concern, modules())) <= set(RANK), set(map(concern, modules())) - set(RANK)
+
+
+def test_imports_point_down_and_not_inside_functions():
+    bad = []
+    for name, path in modules().items():
+        for target, nested in imports(name, path):
+            if nested and concern(name) != "top":     # the CLI path may import lazily to answer fast
+                bad.append(f"{name} imports {target} inside a function")
+            same = concern(target) == concern(name)
+            if not same and RANK[concern(target)] >= RANK[concern(name)]: bad.append(f"{name} imports up: {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circle():
+    graph = {n: {t for t, _ in imports(n, p)} - {n} for n, p in modules().items()}
+    state = {}
+    def visit(n, path):
+        if state.get(n) == "done": return
+        assert state.get(n) != "open", "import circle: " + " -> ".join(path + [n])
+        state[n] = "open"
+        for t in sorted(graph[n]): visit(t, path + [n])
+        state[n] = "done"
+    for n in sorted(graph): visit(n, [])
+
+
+def test_pruning_methods_are_named_only_in_pruning():
+    "Outside pruning/ (and the CLI's help, which lists what the registry holds) no module names a pruning method."
+    named = {n: sorted(set(PRUNING_WORDS.findall(p.read_text()))) for n, p in modules().items()
+             if concern(n) != "pruning"}
+    assert not {n: w for n, w in named.items() if w}, named
+
+
+def test_pruning_base_imports_no_method():
+    base = {t for t, _ in imports("pruning.base", modules()["pruning.base"])}
+    assert not {t for t in base if concern(t) == "pruning"}, base
