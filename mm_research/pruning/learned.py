@@ -10,7 +10,7 @@ import math
 __all__ = ['QUESTION_POOLS', 'OBJECTIVES', 'DEFAULT_KEEP_RATIOS', 'LOGMASK_FLOOR', 'LOGMASK_NOISE', 'PROMPT_KEYS',
            'question_tokens', 'TokenScorer', 'check_objective', 'check_keep_ratios', 'logmask_attention',
            'ScorerTraining', 'prompt_loader', 'pruned_answers', 'ratio_accuracy', 'train_scorer', 'jaccard_distance',
-           'question_groups', 'question_relevance', 'shape_relevance_set']
+           'question_groups', 'question_relevance', 'shape_relevance_set', 'pruning_setup']
 
 # %% ../../nbs/pruning/04_learned.ipynb #0b260304
 import numpy as np
@@ -20,6 +20,7 @@ from fastcore.basics import patch
 from torch import nn
 from ..llava.features import build_inputs_embeds, encode_images, position_ids_from_mask
 from .base import APPLY_MODES, image_token_mask, keep_count, pruned_logits, select_tokens
+from ..zoo import load_model
 from ..train import eval_accuracy, fit, load_trainable
 
 # %% ../../nbs/pruning/04_learned.ipynb #1b182f95
@@ -283,3 +284,12 @@ def shape_relevance_set(processor, n_images: int = 64, n_questions: int = 3, see
     enc = processor(images=imgs, text=qs, return_tensors="pt", padding=True)
     return dict(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 answer_ids=answer_tokens(processor.tokenizer, answers)[0][:, 0], answers=answers)
+
+# %% ../../nbs/pruning/04_learned.ipynb #bc9f1ea8
+def pruning_setup(model: str = "llava-1.5-7b", hidden: int = 64, question_pool: str = "attention",
+                  meta: bool | None = None) -> nn.Module:
+    "The module the pruning experiment trains: the frozen LLaVA and a `TokenScorer` sized to it."
+    m = load_model(model, device="cpu", meta=meta)
+    with torch.device(next(m.parameters()).device):
+        scorer = TokenScorer.for_model(m, hidden=hidden, question_pool=question_pool)
+    return ScorerTraining(m, scorer)
