@@ -7,12 +7,15 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 # %% auto #0
-__all__ = ['FEATURE_STRATEGIES', 'EVAL_MODES', 'ImageFeatures', 'select_image_features', 'encode_images', 'build_inputs_embeds',
-           'position_ids_from_mask', 'soft_prune', 'mode_image_embeds', 'mode_inputs', 'mode_logits', 'mode_generate',
-           'parity_report']
+__all__ = ['FEATURE_STRATEGIES', 'EVAL_MODES', 'ImageFeatures', 'select_image_features', 'encode_images', 'image_token_mask',
+           'image_token_count', 'build_inputs_embeds', 'position_ids_from_mask', 'soft_prune', 'mode_image_embeds',
+           'mode_inputs', 'mode_logits', 'mode_generate', 'parity_report', 'eager_attention', 'use_eager_vision',
+           'VisionPass', 'attention_index', 'tower_layers', 'cls_query_attention', 'vision_pass']
 
 # %% ../../nbs/llava/01_features.ipynb #921ba41e
+import contextlib
 import torch
+from torch import nn
 from ..inspect import get_role
 
 # %% ../../nbs/llava/01_features.ipynb #486bef5f
@@ -55,10 +58,23 @@ def encode_images(model, pixel_values: torch.Tensor, vision_feature_layer: int |
     raw = select_image_features(out.hidden_states, layer, strategy)
     return ImageFeatures(raw, get_role(model, "projector")(raw))
 
+# %% ../../nbs/llava/01_features.ipynb #ee0a5d0e
+def image_token_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    "Boolean `(B, L)`: where the image tokens are."
+    return input_ids == model.config.image_token_id
+
+# %% ../../nbs/llava/01_features.ipynb #c3a5ba27
+def image_token_count(model, input_ids: torch.Tensor) -> int:
+    "The number of image tokens in each row of `input_ids` (a ValueError if the rows differ)."
+    counts = image_token_mask(model, input_ids).sum(1)
+    if len(counts) and (counts != counts[0]).any():
+        raise ValueError(f"Rows hold different numbers of image tokens {counts.tolist()}: one count per batch needed.")
+    return int(counts[0]) if len(counts) else 0
+
 # %% ../../nbs/llava/01_features.ipynb #0e40b25f
 def build_inputs_embeds(model, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
     "Token embeddings of `input_ids` with `image_embeds` at the image-token positions."
-    mask = input_ids == model.config.image_token_id
+    mask = image_token_mask(model, input_ids)
     per_row = mask.sum(1)
     fits = image_embeds.ndim == 3 and image_embeds.shape[0] == input_ids.shape[0]
     if not fits or (per_row != image_embeds.shape[1]).any():
@@ -135,3 +151,72 @@ def parity_report(model, batch: dict, max_new_tokens: int = 2) -> dict:
         rep[mode] = dict(logits_equal=torch.equal(lg, ref_logits), tokens_equal=torch.equal(tk, ref_tokens),
                          max_abs_diff=(lg - ref_logits).abs().max().item())
     return rep
+
+# %% ../../nbs/llava/01_features.ipynb #8cc053c9
+@contextlib.contextmanager
+def eager_attention(module: nn.Module):
+    "`module` with eager attention inside the block (attention weights exposed); its implementation restored after."
+    before = module.config._attn_implementation
+    if before != "eager": module.set_attn_implementation("eager")
+    try: yield module
+    finally:
+        if before != "eager": module.set_attn_implementation(before)
+
+# %% ../../nbs/llava/01_features.ipynb #6f3f8cd7
+def use_eager_vision(model) -> nn.Module:
+    "`model` with its vision tower switched to eager attention for good (one pass gives features and CLS attention)."
+    get_role(model, "vision_encoder").set_attn_implementation("eager")
+    return model
+
+# %% ../../nbs/llava/01_features.ipynb #9e9c2ee0
+class VisionPass(NamedTuple):
+    "Raw selected features `(B, T, Dv)`, projected embeddings `(B, T, D)`, CLS attention per token `(B, T)` or None."
+    raw: torch.Tensor
+    embeds: torch.Tensor
+    cls_attention: torch.Tensor | None = None
+
+# %% ../../nbs/llava/01_features.ipynb #8bbe6413
+def attention_index(hidden_state_index: int, n_layers: int) -> int:
+    "Index into `attentions` of the layer that produced `hidden_states[hidden_state_index]` (n_layers + 1 states)."
+    n = n_layers + 1
+    if not -n <= hidden_state_index < n:
+        raise ValueError(f"vision_feature_layer {hidden_state_index} out of range for {n} hidden states.")
+    i = hidden_state_index % n
+    if i == 0:
+        raise ValueError("vision_feature_layer 0 is the embedding output: "
+                         "no attention layer produced it, so it has no CLS attention.")
+    return i - 1
+
+# %% ../../nbs/llava/01_features.ipynb #42ec4795
+def tower_layers(tower: nn.Module) -> nn.ModuleList:
+    "The vision tower's list of encoder layers (the ModuleList as long as its config's num_hidden_layers)."
+    n = tower.config.num_hidden_layers
+    found = [mod for mod in tower.modules() if isinstance(mod, nn.ModuleList) and len(mod) == n]
+    if not found: raise ValueError(f"No list of {n} encoder layers found in {type(tower).__name__}.")
+    return found[0]
+
+# %% ../../nbs/llava/01_features.ipynb #f263502b
+def cls_query_attention(attn: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "The CLS row of attention module `attn` on its input `hidden` `(B, N)` (heads averaged), and its keys."
+    B, N, _ = hidden.shape
+    q = attn.q_proj(hidden[:, :1]).view(B, 1, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(hidden).view(B, N, -1, attn.head_dim).transpose(1, 2)
+    return ((q @ k.transpose(2, 3)).float() * attn.scale).softmax(-1).mean(1)[:, 0], k
+
+# %% ../../nbs/llava/01_features.ipynb #8ea200f3
+def vision_pass(model, pixel_values: torch.Tensor, cls_attention: bool = False) -> VisionPass:
+    "Raw and projected image features from one tower pass, plus the CLS attention per token when asked."
+    if not cls_attention: return VisionPass(*encode_images(model, pixel_values))
+    cfg, tower = model.config, get_role(model, "vision_encoder")
+    layer, strategy = cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+    layers, seen = tower_layers(tower), {}
+    idx = [attention_index(i, len(layers)) for i in ([layer] if isinstance(layer, int) else layer)]
+    hooks = [layers[j].self_attn.register_forward_pre_hook(
+        lambda mod, a, kw, j=j: seen.update({j: (mod, kw.get("hidden_states", a[0] if a else None))}), with_kwargs=True)
+        for j in dict.fromkeys(idx)]
+    try: out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+    finally:
+        for h in hooks: h.remove()
+    raw = select_image_features(out.hidden_states, layer, strategy)
+    cls = torch.stack([cls_query_attention(*seen[j])[0] for j in idx]).mean(0)
+    return VisionPass(raw, get_role(model, "projector")(raw), cls[:, 1:] if strategy == "default" else cls)

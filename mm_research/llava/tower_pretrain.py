@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from ..cache import cached_training
+from .features import use_eager_vision, vision_pass
 from ..core import accuracy
 from ..inspect import get_role
 from ..train import fit, load_trainable
@@ -219,7 +220,6 @@ def auroc(scores, labels) -> float:
 @torch.no_grad()
 def cls_attention_auroc(model, scenes: dict, batch_size: int = 64) -> float:
     "Mean over `scenes` of the AUROC of the read layer's CLS attention for object patches against background."
-    from mm_research.pruning.base import use_eager_vision, vision_pass
     model, p = use_eager_vision(model.eval()), next(model.parameters())
     att = torch.cat([vision_pass(model, scenes["pixel_values"][s:s + batch_size].to(p.device, p.dtype),
                                  cls_attention=True).cls_attention.float().cpu()

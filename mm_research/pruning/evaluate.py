@@ -10,7 +10,8 @@ import contextlib, copy, itertools, math
 __all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'continue_kwargs', 'next_logits', 'cached_picks', 'answer_hits',
            'generated_answers', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy', 'seed_rates',
            'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
-           'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image', 'pooled_image', 'kept_tokens_figure']
+           'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image', 'pooled_image', 'kept_tokens_figure',
+           'jaccard_distance', 'question_groups', 'question_relevance', 'shape_relevance_set', 'scene_relevance_set']
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #88b4f9db
 import matplotlib.pyplot as plt
@@ -19,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ..core import accuracy, render_table
-from ..llava.features import mode_inputs, position_ids_from_mask
-from .base import (PRUNERS, SCORED_PRUNERS, SETTINGS, check_pruner, in_llm, keep_count, parse_setting,
-                                 pool_grid, pruned_prompt, pruner_family, pruner_scores, select_tokens, vision_pass)
+from ..llava.features import mode_inputs, position_ids_from_mask, vision_pass
+from ..llava.vqa import answer_tokens, vqa_prompt
+from ..llava.vqa_data import (object_questions, random_objects, random_scene, render_objects, render_scene,
+                                        scene_questions)
+from .base import SETTINGS, PruningMethod, keep_count, parse_setting, pruned_prompt, select_tokens
+from .baselines import Pool, pool_grid
 from .learned import PROMPT_KEYS
 from ..stats import fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
 from ..llava.vqa import candidate_tokens
@@ -102,31 +106,27 @@ def generated_answers(model, inputs: dict, context=None, max_new_tokens: int = 3
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #a0638729
 @torch.no_grad()
-def batch_hits(model, batch: dict, types: list, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11),
-               settings=SETTINGS, scorer=None, candidates: dict | None = None, generator=None,
-               fastv_layer: int = 2, sparsevlm_layers=None) -> dict:
-    "Hits (exact, likelihood) of one batch: under 'baseline' and under each (setting, pruner, keep ratio)."
+def batch_hits(model, batch: dict, types: list, methods: list[PruningMethod], keep_ratios=(1.0, 0.5, 0.25, 0.11),
+               settings=SETTINGS, candidates: dict | None = None, generator=None) -> dict:
+    "Hits (exact, likelihood) of one batch: under 'baseline' and under each (setting, method label, keep ratio)."
     candidates = candidates or {}
     out = {"baseline": answer_hits(model, mode_inputs(model, batch, "baseline"), batch, types, candidates)}
-    vp = vision_pass(model, batch["pixel_values"], cls_attention="cls" in pruners)
-    scores = {p: pruner_scores(model, batch, p, vp, scorer, generator, fastv_layer) for p in pruners
-              if pruner_family(p) in SCORED_PRUNERS}
-    for p, r in itertools.product(pruners, keep_ratios):
-        for st in [s for s in settings if s == "hard/original" or not in_llm(p)]:
-            inputs, ctx = pruned_prompt(model, batch, p, r, *parse_setting(st), vp=vp, scores=scores.get(p),
-                                        scorer=scorer, generator=generator, fastv_layer=fastv_layer,
-                                        sparsevlm_layers=sparsevlm_layers)
-            out[st, p, r] = answer_hits(model, inputs, batch, types, candidates, ctx)
+    vp = vision_pass(model, batch["pixel_values"], cls_attention=any(m.needs_cls_attention for m in methods))
+    scores = {m.label: m.scores(model, batch, vp, generator) for m in methods if m.scored}
+    for m, r in itertools.product(methods, keep_ratios):
+        for st in [s for s in settings if s == "hard/original" or m.cut != "lm"]:
+            inputs, ctx = pruned_prompt(model, batch, m, r, *parse_setting(st), vp=vp, scores=scores.get(m.label),
+                                        generator=generator)
+            out[st, m.label, r] = answer_hits(model, inputs, batch, types, candidates, ctx)
     return out
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #fe6e914c
-def sweep_hits(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
-               scorer=None, candidates: dict | None = None, batch_size: int = 64, seed: int = 0,
-               fastv_layer: int = 2, progress: bool = False, sparsevlm_layers=None) -> dict:
-    "Per-sample hits (exact, likelihood) on encoded VQA `data`: 'baseline' and each (setting, pruner, ratio)."
-    pruners, settings = [check_pruner(p) for p in pruners], [s for s in settings if parse_setting(s)]
-    if any(in_llm(p) for p in pruners) and "hard/original" not in settings:
-        raise ValueError("In-LLM pruners (fastv, sparsevlm) run only in setting 'hard/original': add it to settings.")
+def sweep_hits(model, data: dict, methods: list[PruningMethod], keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
+               candidates: dict | None = None, batch_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
+    "Per-sample hits (exact, likelihood) on encoded VQA `data`: 'baseline' and each (setting, method label, ratio)."
+    settings = [s for s in settings if parse_setting(s)]
+    if any(m.cut == "lm" for m in methods) and "hard/original" not in settings:
+        raise ValueError("In-LM methods (FastV, SparseVLM) run only in setting 'hard/original': add it to settings.")
     for r in keep_ratios: keep_count(16, r)
     model.eval()
     dev, n = next(model.parameters()).device, len(data["answer_ids"])
@@ -134,8 +134,7 @@ def sweep_hits(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 
     for i, s in enumerate(tqdm(range(0, n, batch_size), disable=not progress, desc="sweep")):
         b = {k: data[k][s:s + batch_size].to(dev) for k in PROMPT_KEYS + ANSWER_KEYS}
         g = torch.Generator().manual_seed(seed * 100_003 + i)
-        hits = batch_hits(model, b, types[s:s + batch_size], pruners, keep_ratios, settings, scorer, candidates, g,
-                          fastv_layer, sparsevlm_layers)
+        hits = batch_hits(model, b, types[s:s + batch_size], methods, keep_ratios, settings, candidates, g)
         for key, h in hits.items(): parts.setdefault(key, []).append(h)
     return {key: tuple(torch.cat(x) for x in zip(*hs)) for key, hs in parts.items()}
 
@@ -149,12 +148,11 @@ def hit_rates(hits: dict) -> dict:
     return out
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #e1d37dac
-def sweep_accuracy(model, data: dict, pruners=PRUNERS, keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
-                   scorer=None, candidates: dict | None = None, batch_size: int = 64, seed: int = 0,
-                   fastv_layer: int = 2, progress: bool = False, sparsevlm_layers=None) -> dict:
-    "Accuracy {'baseline': {...}, setting: {pruner: {ratio: {'exact', 'likelihood'}}}} on encoded VQA `data`."
-    return hit_rates(sweep_hits(model, data, pruners, keep_ratios, settings, scorer, candidates, batch_size, seed,
-                                fastv_layer, progress, sparsevlm_layers))
+def sweep_accuracy(model, data: dict, methods: list[PruningMethod], keep_ratios=(1.0, 0.5, 0.25, 0.11),
+                   settings=SETTINGS, candidates: dict | None = None, batch_size: int = 64, seed: int = 0,
+                   progress: bool = False) -> dict:
+    "Accuracy {'baseline': {...}, setting: {method label: {ratio: {'exact', 'likelihood'}}}} on encoded VQA `data`."
+    return hit_rates(sweep_hits(model, data, methods, keep_ratios, settings, candidates, batch_size, seed, progress))
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #229c6972
 def seed_rates(accs: list[dict]) -> dict:
@@ -267,27 +265,90 @@ def pooled_image(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #774671f5
 @torch.no_grad()
-def kept_tokens_figure(model, batch: dict, images: np.ndarray, pruners=PRUNERS, keep_ratio: float = 0.25,
-                       scorer=None, questions: list[str] | None = None, seed: int = 0, fastv_layer: int = 2,
-                       sparsevlm_layers=None):
-    "Figure: for each image (row) and pruner (column), the patches kept at `keep_ratio`, the rest dimmed."
-    vp = vision_pass(model, batch["pixel_values"], cls_attention="cls" in pruners)
+def kept_tokens_figure(model, batch: dict, images: np.ndarray, methods: list[PruningMethod], keep_ratio: float = 0.25,
+                       questions: list[str] | None = None, seed: int = 0):
+    "Figure: for each image (row) and method (column), the patches kept at `keep_ratio`, the rest dimmed."
+    vp = vision_pass(model, batch["pixel_values"], cls_attention=any(m.needs_cls_attention for m in methods))
     T, g = vp.embeds.shape[1], torch.Generator().manual_seed(seed)
     side, k = math.isqrt(T), keep_count(T, keep_ratio)
-    sels = {p: select_tokens(model, batch, p, keep_ratio, vp=vp, scorer=scorer, generator=g, fastv_layer=fastv_layer,
-                             sparsevlm_layers=sparsevlm_layers) for p in pruners}
-    fig, axes = plt.subplots(len(images), len(pruners) + 1, figsize=(1.6 * (len(pruners) + 1), 1.7 * len(images)),
+    sels = [select_tokens(model, batch, m, keep_ratio, vp=vp, generator=g) for m in methods]
+    fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(1.6 * (len(methods) + 1), 1.7 * len(images)),
                              squeeze=False)
     for i, image in enumerate(images):
         axes[i, 0].imshow(image)
         axes[i, 0].set_ylabel((questions[i] if questions else "")[:28], fontsize=6)
-        for j, p in enumerate(pruners, 1):
-            shown = pooled_image(image, pool_grid(T, k)) if p == "pool" else kept_patches_image(
-                image, sels[p].slots[i].tolist(), side)
-            axes[i, j].imshow(shown)
-            if i == 0: axes[i, j].set_title(p if p != "pool" else "pool (cell means)", fontsize=8)
+        for j, (m, sel) in enumerate(zip(methods, sels), 1):
+            pooled = isinstance(m, Pool)
+            axes[i, j].imshow(pooled_image(image, pool_grid(T, k)) if pooled else
+                              kept_patches_image(image, sel.slots[i].tolist(), side))
+            if i == 0: axes[i, j].set_title(f"{m.label} (cell means)" if pooled else m.label, fontsize=8)
     axes[0, 0].set_title("image", fontsize=8)
     for a in axes.flat: a.set(xticks=[], yticks=[])
     fig.suptitle(f"tokens kept at keep ratio {keep_ratio} ({k} of {T})", fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #96403a59
+def jaccard_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    "1 - |A & B| / |A | B| of two sets of token slots."
+    sa, sb = set(a.tolist()), set(b.tolist())
+    return 1 - len(sa & sb) / len(sa | sb) if sa | sb else 0.0
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #c2f4bf14
+def question_groups(data: dict) -> list[list[int]]:
+    "Rows of encoded `data` grouped by identical image, groups with at least two different questions only."
+    by_image = {}
+    for i, px in enumerate(data["pixel_values"]): by_image.setdefault(px.numpy().tobytes(), []).append(i)
+    ids = data["input_ids"]
+    return [g for g in by_image.values() if len({ids[i].numpy().tobytes() for i in g}) > 1]
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #00e5fdfe
+@torch.no_grad()
+def question_relevance(model, data: dict, keep_ratio: float, methods: list[PruningMethod],
+                       batch_size: int = 64) -> dict:
+    "Per method, the mean Jaccard distance between kept sets of different questions on the same image; pair count."
+    groups = question_groups(data)
+    if not groups: raise ValueError("No image in `data` is asked two different questions: build it with "
+                                    "shape_relevance_set (or repeat images with different questions).")
+    dev, n = next(model.parameters()).device, len(data["input_ids"])
+    out = {}
+    for m in methods:
+        slots = []
+        for s in range(0, n, batch_size):
+            b = {k: data[k][s:s + batch_size].to(dev) for k in ("pixel_values", "input_ids", "attention_mask")}
+            slots += list(select_tokens(model, b, m, keep_ratio).slots.cpu())
+        d = [jaccard_distance(slots[i], slots[j]) for g in groups for a, i in enumerate(g) for j in g[a + 1:]
+             if not torch.equal(data["input_ids"][i], data["input_ids"][j])]
+        out[m.label] = float(np.mean(d))
+    return out | {"n_images": len(groups), "n_pairs": len(d)}
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #b80f3f17
+def shape_relevance_set(processor, n_images: int = 64, n_questions: int = 3, seed: int = 0, size: int = 64) -> dict:
+    "Encoded prompts: `n_images` shape scenes, each asked up to `n_questions` of its questions (answers too)."
+    rng, imgs, qs, answers = np.random.default_rng(seed), [], [], []
+    for _ in range(n_images):
+        scene = random_scene(rng)
+        pool = list(dict.fromkeys(q for t in scene_questions(scene).values() for q in t))
+        img = render_scene(scene, size)
+        for i in rng.permutation(len(pool))[:n_questions]:
+            imgs.append(img)
+            qs.append(vqa_prompt(processor, pool[i][0]))
+            answers.append(pool[i][1])
+    enc = processor(images=imgs, text=qs, return_tensors="pt", padding=True)
+    return dict(pixel_values=enc["pixel_values"], input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                answer_ids=answer_tokens(processor.tokenizer, answers)[0][:, 0], answers=answers)
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #d1485784
+def scene_relevance_set(processor, n_images: int = 64, seed: int = 0, size: int = 96) -> dict:
+    "Encoded prompts: `n_images` new cluttered scenes (a stream apart from the splits'), each asked three questions."
+    rng, imgs, qs = np.random.default_rng([seed, 21]), [], []
+    while len(imgs) < 3 * n_images:
+        objects = random_objects(rng)
+        pool = list(dict.fromkeys(q for t in object_questions(objects).values() for q, _ in t))
+        if len(pool) < 3: continue
+        img = render_objects(objects, rng, size)
+        for i in rng.permutation(len(pool))[:3]:
+            imgs.append(img)
+            qs.append(vqa_prompt(processor, pool[i]))
+    enc = processor(images=imgs, text=qs, return_tensors="pt", padding=True)
+    return {k: enc[k] for k in ("pixel_values", "input_ids", "attention_mask")}

@@ -4,19 +4,20 @@
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #bb29b230
 from __future__ import annotations
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 # %% auto #0
 __all__ = ['visionzip_split', 'visionzip_merge', 'VisionZipSignals', 'visionzip_signals', 'VisionZipOut', 'visionzip_embeds',
-           'visionzip_selection']
+           'visionzip_selection', 'VisionZip']
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #ed860612
 import torch
 from torch import nn
-from .fastv import take
 from ..inspect import get_role
-from ..llava.features import select_image_features
-from .base import Selection, attention_index
+from ..llava.features import (attention_index, cls_query_attention, image_token_count, select_image_features,
+                                        tower_layers)
+from .base import PruningMethod, Selection, cls_row_flops, gather_positions, keep_count
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #849eef05
 def visionzip_split(budget: int, n_tokens: int, contextual: int | None = None) -> tuple[int, int]:
@@ -36,19 +37,19 @@ def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, cls_attention: tor
     "VisionZip's dominant + contextual tokens `(B, d + c, D)` of `hidden` and their patch slots `(B, d + c)`."
     B, T, _ = hidden.shape
     dom = cls_attention.topk(n_dominant, dim=1).indices.sort(1).values
-    if n_contextual == 0: return take(hidden, dom, 1), dom
+    if n_contextual == 0: return gather_positions(hidden, dom, 1), dom
     rest_mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device).scatter(1, dom, False)
     rest = torch.arange(T, device=hidden.device).expand(B, T)[rest_mask].view(B, T - n_dominant)
     n_rest = T - n_dominant
     targets = torch.arange(0, n_rest, max(1, n_rest // n_contextual), device=hidden.device)[:n_contextual]
     others = torch.ones(n_rest, dtype=torch.bool, device=hidden.device).index_fill(0, targets, False)
-    metric = take(keys, rest, 1)
+    metric = gather_positions(keys, rest, 1)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     sim = metric[:, others] @ metric[:, targets].transpose(1, 2)
     onehot = torch.zeros_like(sim, dtype=hidden.dtype).scatter(2, sim.argmax(2, keepdim=True), 1)
-    hid = take(hidden, rest, 1)
+    hid = gather_positions(hidden, rest, 1)
     merged = onehot.transpose(1, 2) @ hid[:, others] / onehot.sum(1).clamp(min=1)[..., None]
-    tokens = torch.cat([take(hidden, dom, 1), hid[:, targets] + merged], 1)
+    tokens = torch.cat([gather_positions(hidden, dom, 1), hid[:, targets] + merged], 1)
     return tokens, torch.cat([dom, rest[:, targets]], 1)
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #c3dfb535
@@ -57,14 +58,6 @@ class VisionZipSignals(NamedTuple):
     raw: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
-
-# %% ../../nbs/pruning/02_visionzip.ipynb #8f33b08f
-def _tower_layers(tower: nn.Module) -> nn.ModuleList:
-    "The vision tower's list of encoder layers (the ModuleList as long as its config's num_hidden_layers)."
-    n = tower.config.num_hidden_layers
-    found = [mod for mod in tower.modules() if isinstance(mod, nn.ModuleList) and len(mod) == n]
-    if not found: raise ValueError(f"No list of {n} encoder layers found in {type(tower).__name__}.")
-    return found[0]
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #7202b8f7
 def visionzip_signals(model, pixel_values: torch.Tensor) -> VisionZipSignals:
@@ -75,18 +68,14 @@ def visionzip_signals(model, pixel_values: torch.Tensor) -> VisionZipSignals:
         raise ValueError(f"VisionZip needs one int vision_feature_layer and strategy 'default' (CLS dropped), "
                          f"got {layer!r} / {strategy!r}.")
     tower = get_role(model, "vision_encoder")
-    layers = _tower_layers(tower)
+    layers = tower_layers(tower)
     attn, seen = layers[attention_index(layer, len(layers))].self_attn, {}
     hook = attn.register_forward_pre_hook(
         lambda mod, a, kw: seen.update(x=kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
     try: out = tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally: hook.remove()
-    x = seen["x"]
-    B, N, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
-    cls = ((q @ k.transpose(2, 3)).float() * attn.scale).softmax(-1).mean(1)[:, 0, 1:]
-    return VisionZipSignals(select_image_features(out.hidden_states, layer, strategy), cls, k.mean(1)[:, 1:])
+    cls, k = cls_query_attention(attn, seen["x"])
+    return VisionZipSignals(select_image_features(out.hidden_states, layer, strategy), cls[:, 1:], k.mean(1)[:, 1:])
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #b3100d67
 class VisionZipOut(NamedTuple):
@@ -111,4 +100,26 @@ def visionzip_selection(model, pixel_values: torch.Tensor, budget: int, contextu
     tokens, slots = visionzip_merge(sig.raw, sig.keys, sig.cls_attention, *visionzip_split(budget, sig.raw.shape[1],
                                                                                              contextual))
     order = slots.argsort(1)
-    return Selection(get_role(model, "projector")(take(tokens, order, 1)), slots.gather(1, order), sig.cls_attention)
+    embeds = get_role(model, "projector")(gather_positions(tokens, order, 1))
+    return Selection(embeds, slots.gather(1, order), sig.cls_attention)
+
+# %% ../../nbs/pruning/02_visionzip.ipynb #46f41e3f
+@dataclass(frozen=True)
+class VisionZip(PruningMethod):
+    "VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity, in the tower."
+    contextual: int | None = None
+    name: ClassVar[str] = "visionzip"
+    scored: ClassVar[bool] = False
+    own_vision_pass: ClassVar[bool] = True
+
+    def select(self, model, batch, vp, keep_ratio, generator=None, scores=None):
+        T = image_token_count(model, batch["input_ids"])
+        return visionzip_selection(model, batch["pixel_values"], keep_count(T, keep_ratio), self.contextual)
+
+    def scoring_flops(self, model, n_tokens, n_image, keep_ratio, tokens, batch=1):
+        vc = model.config.vision_config
+        dom, ctx = visionzip_split(keep_count(n_image, keep_ratio), n_image, self.contextual)
+        merge = 2 * (n_image - dom - ctx) * ctx * (vc.hidden_size // vc.num_attention_heads + vc.hidden_size)
+        return cls_row_flops(vc, batch) + batch * merge
+
+    def projected_tokens(self, n_image, keep_ratio): return keep_count(n_image, keep_ratio)
