@@ -1,4 +1,6 @@
 """The docs site: built offline from every notebook with its outputs, then opened in headless Chromium."""
+import json
+import re
 import shutil
 import socket
 import threading
@@ -8,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import pytest
+import yaml
 
 import importlib.util
 
@@ -18,7 +21,34 @@ ROOT = project_root(Path(__file__).parent)
 _spec = importlib.util.spec_from_file_location("build_docs", ROOT / "tools" / "build_docs.py")
 build_docs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_docs)
-build_site, docs_notebooks = build_docs.build_site, build_docs.docs_notebooks
+build_site, docs_notebooks, page_file = build_docs.build_site, build_docs.docs_notebooks, build_docs.page_file
+NBS = ROOT / "nbs"
+# The sidebar: Home, the ground floor, the concerns from the lowest rank to the highest, the top, the experiments.
+SECTIONS = ["Home", "Ground floor", "Structure", "Memory", "Speech", "LLaVA", "Pruning", "Gated BLIP-2", "Running",
+            "Experiments"]
+CONCERN_FOLDERS = {"Structure": "structure", "Memory": "memory", "Speech": "speech", "LLaVA": "llava",
+                   "Pruning": "pruning", "Gated BLIP-2": "gated"}
+
+
+def site_pages(site: Path) -> set[str]:
+    "The notebook pages of a built site, as paths from its root (theme, search and published results left out)."
+    return {p.relative_to(site).as_posix() for p in site.rglob("*.html") if p.name != "404.html"
+            and p.relative_to(site).parts[0] not in ("assets", "search", "results", "results-deep")}
+
+
+def expected_page(nb: Path) -> str:
+    "The sidebar file of notebook `nb`: its folder under nbs/, its name without the number (`01_fastv` -> `fastv`)."
+    rel = nb.relative_to(NBS)
+    return (rel.parent / re.sub(r"^\d+[a-zA-Z0-9]*_", "", rel.name)).as_posix()
+
+
+def library_notebooks_by_hand() -> list[Path]:
+    "Every notebook under nbs/ that exports a module (`#| default_exp`), found without the docs tool."
+    def exports(p: Path) -> bool:
+        return any(c["cell_type"] == "code" and "".join(c["source"]).startswith("#| default_exp")
+                   for c in json.loads(p.read_text())["cells"])
+    return [p for p in sorted(NBS.rglob("*.ipynb")) if not any(d.startswith(("_", ".")) for d in
+                                                                p.relative_to(NBS).parts[:-1]) and exports(p)]
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +106,10 @@ def browser():
 
 
 def test_site_has_a_page_per_notebook_with_api_reference(site):
-    pages = {p.name for p in site.glob("*.html")}
+    pages = site_pages(site)
     assert "index.html" in pages and "search" in {p.name for p in site.iterdir()}
-    assert len(pages - {"index.html", "404.html"}) == len(docs_notebooks()) - 1
+    assert pages == {page_file(nb).removesuffix(".ipynb") + ".html" for nb in docs_notebooks()}
+    assert {"pruning/fastv.html", "structure/report.html", "experiments/pruning.html"} <= pages
     core = (site / "core.html").read_text()
     assert "start_run" in core and "resolve_dtype" in core  # show_doc entries of exported functions
     assert (site / "search" / "search_index.json").stat().st_size > 1000
@@ -86,14 +117,14 @@ def test_site_has_a_page_per_notebook_with_api_reference(site):
 
 def test_every_page_loads_images_render_links_resolve(site, server, browser, shots):
     n_images = 0
-    for page in sorted(site.glob("*.html")):
-        browser.get(urljoin(server, page.name))
+    for page in sorted(site_pages(site)):
+        browser.get(urljoin(server, page))
         assert browser.execute_script("return document.readyState") == "complete"
-        assert browser.title, page.name
+        assert browser.title, page
         images = browser.execute_script(
             "return Array.from(document.images).map(i => [i.currentSrc || i.src, i.complete, i.naturalWidth])")
         broken = [src for src, complete, width in images if not (complete and width > 0)]
-        assert not broken, f"{page.name}: images that did not render: {broken}"
+        assert not broken, f"{page}: images that did not render: {broken}"
         n_images += len(images)
         hrefs = browser.execute_script("return Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
         for href in hrefs:
@@ -101,17 +132,45 @@ def test_every_page_loads_images_render_links_resolve(site, server, browser, sho
             if url.netloc != urlparse(server).netloc: continue  # outside the site (source links)
             target = site / url.path.lstrip("/")
             if url.path.endswith("/"): target = target / "index.html"
-            assert target.exists(), f"{page.name}: broken link {href}"
+            assert target.exists(), f"{page}: broken link {href}"
     assert n_images > 0  # the figures of the notebooks are on the site
-    for name in ["index.html", "report.html"]:
+    for name in ["index.html", "structure/report.html"]:
         browser.get(urljoin(server, name))
         browser.save_screenshot(str(shots / f"{Path(name).stem}.png"))
         assert (shots / f"{Path(name).stem}.png").stat().st_size > 10_000
 
 
 def test_docs_list_library_and_experiment_notebooks():
-    names = [p.relative_to(ROOT / "nbs").as_posix() for p in docs_notebooks()]
+    names = [p.relative_to(NBS).as_posix() for p in docs_notebooks()]
     assert names[0] == "index.ipynb" and "00_core.ipynb" in names
+    assert {"structure/01_lora.ipynb", "pruning/01_fastv.ipynb", "gated/03_model.ipynb"} <= set(names)  # nested
+    assert len(names) == len(set(names))
     experiments = [n for n in names if n.startswith("experiments/")]
     assert experiments == sorted(experiments) and "experiments/21_pruning.ipynb" in experiments
-    assert names.index("92_cli.ipynb") < names.index(experiments[0])
+    assert names[-len(experiments):] == experiments  # the experiments come last
+    # by concern: the ground floor, then each concern folder in rank order, then the top
+    assert names.index("06_train.ipynb") < names.index("structure/01_lora.ipynb")
+    assert names.index("memory/04_phase_profile.ipynb") < names.index("speech/01_data.ipynb")
+    assert names.index("llava/04_tower_pretrain.ipynb") < names.index("pruning/00_base.ipynb")
+    assert names.index("pruning/01_fastv.ipynb") < names.index("gated/01_art_data.ipynb")
+    assert names.index("gated/04_base_lm.ipynb") < names.index("90_runner.ipynb") < names.index("92_cli.ipynb")
+
+
+def test_site_nav_groups_notebooks_by_concern_each_library_notebook_once():
+    nav = yaml.safe_load(build_docs.mkdocs_config(build_docs.site_nav()))["nav"]
+    assert [next(iter(entry)) for entry in nav] == SECTIONS
+    assert nav[0] == {"Home": "index.ipynb"}
+    sections = {name: pages for entry in nav[1:] for name, pages in entry.items()}
+    files = {name: [next(iter(p.values())) for p in pages] for name, pages in sections.items()}
+    every = [f for fs in files.values() for f in fs]
+    for nb in library_notebooks_by_hand():
+        assert every.count(expected_page(nb)) == 1, f"{nb}: {every.count(expected_page(nb))} times in the sidebar"
+    assert len(every) == len(library_notebooks_by_hand()) + len(list((NBS / "experiments").glob("*.ipynb")))
+    for name, folder in CONCERN_FOLDERS.items():
+        assert files[name] and all(f.startswith(f"{folder}/") for f in files[name]), name
+    assert "core.ipynb" in files["Ground floor"] and "train.ipynb" in files["Ground floor"]
+    assert "pruning/fastv.ipynb" in files["Pruning"] and "gated/model.ipynb" in files["Gated BLIP-2"]
+    assert {"runner.ipynb", "reproduce.ipynb", "cli.ipynb"} <= set(files["Running"])
+    numbers = {name: [next(iter(p)).split()[0] for p in pages] for name, pages in sections.items()}
+    assert all(n < "90" for n in numbers["Ground floor"]) and all(n >= "90" for n in numbers["Running"])
+    assert set(files["Experiments"]) == {expected_page(p) for p in (NBS / "experiments").glob("*.ipynb")}
