@@ -6,8 +6,11 @@ import pytest, torch
 from torch import nn
 from peft import LoraConfig, get_peft_model
 from mm_research.memory.accounting import param_summary, param_table, state_bytes
-from mm_research.memory.estimates import (estimate, experiment_setups, gated_setup, pruning_setup, setup_estimates,
-                                   speech_setup)
+from mm_research.gated.model import gated_setup
+from mm_research.memory.estimates import estimate, setup_estimates
+from mm_research.pruning.learned import pruning_setup
+from mm_research.setups import EXPERIMENT_SETUPS, experiment_setups, trainable_parts
+from mm_research.speech.encoder import speech_setup
 from mm_research.structure.lora import lora_targets
 from mm_research.memory.phase_profile import memory_report, profile, report_text
 from mm_research.memory.profiler import MemoryProfiler
@@ -110,6 +113,15 @@ def test_real_size_estimates_count_the_modules_the_experiments_train():
     assert rows["10_speech"]["trainable"] == 32 * 4 * 16 * (1280 + 1280) + 2 * 1280 + 1280 * 10 + 10
     assert rows["21_pruning"]["total"] - rows["21_pruning"]["trainable"] == 7_063_427_072
     assert rows["30_gated"]["trainable"] > 100_000_000          # FiLM gates + Q-Former + projector, not gate vectors
+
+
+def test_setups_are_the_experiments_own():
+    "Each experiment's setup is the one beside its code; the parts of each tiny module add up to what it trains."
+    assert EXPERIMENT_SETUPS == {"10_speech": speech_setup, "21_pruning": pruning_setup, "30_gated": gated_setup}
+    for name, m in experiment_setups(tiny=True, meta=False).items():
+        assert sum(trainable_parts(name, m).values()) == trainable_count(m) > 0, name
+    assert trainable_parts("10_speech", speech_setup("tiny-qwen2-audio")) == {"LoRA": 2 * 4 * 16 * (64 + 64),
+                                                                              "head": 2 * 64 + 64 * 10 + 10}
 
 
 def test_tiny_estimates_equal_what_the_experiments_train():

@@ -8,7 +8,8 @@ from mm_research.zoo import load_model, load_processor, load_config, param_count
 from mm_research.inspect import get_role, roles
 from mm_research.structure.lora import expected_lora_params, lora_targets
 from mm_research.speech.encoder import (SpeechEncoder, KeywordClassifier, add_lora, freeze_for_mode, load_audio_tower,
-                                checkpoint_weight_map, choose_strategy, encode_tower, tower_features, masked_mean)
+                                checkpoint_weight_map, choose_strategy, encode_tower, tower_features, masked_mean,
+                                audio_processor, classifier_for_mode, speech_setup)
 
 CLIPS = [np.random.default_rng(i).standard_normal(n).astype(np.float32) * .1
          for i, n in enumerate([6000, 13000, 30000])]
@@ -165,3 +166,20 @@ def test_empty_clip_is_an_error_and_a_long_clip_warns_before_encoding(tiny):
     with pytest.warns(UserWarning, match="longer than the tower's 2 s window and are cut to it"):
         f = enc.featurize([long_clip])
     assert f["feature_attention_mask"].sum().item() == 200  # cut to the window, not dropped
+
+
+def test_speech_setup_is_the_lora_mode_the_experiment_trains(tiny):
+    "The module the memory estimates count for 10_speech trains what the experiment's 'lora' mode trains."
+    model, proc = tiny
+    setup = speech_setup("tiny-qwen2-audio")
+    enc = SpeechEncoder(load_audio_tower("tiny-qwen2-audio", device="cpu"), proc)
+    _, n_lora_mode, lora = classifier_for_mode(enc, "lora", 10, seed=0)
+    trainable = {n: p.numel() for n, p in setup.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == n_lora_mode == lora["lora_params"] + 2 * 64 + 64 * 10 + 10
+    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    real = speech_setup()                                   # Qwen2-Audio-7B on meta: only the tower is a sub-module
+    assert all(p.is_meta for p in real.parameters())
+    assert sum(p.numel() for n, p in real.named_parameters() if "lora_" not in n and not n.startswith("head.")) \
+        == 636_968_960
+    fe = audio_processor("qwen2-audio-7b", load_model("qwen2-audio-7b"))
+    assert (fe.feature_size, fe.nb_max_frames) == (128, 3000)

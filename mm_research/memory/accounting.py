@@ -51,6 +51,7 @@ def _group_counts(model: nn.Module, by: tuple) -> dict:
 
 # %% ../../nbs/memory/01_accounting.ipynb #c58c73ba
 def _count_row(names: dict, g: dict) -> dict:
+    "A table row: `names`, then the counts of group `g`, their total, ratio and bytes."
     t = g["trainable"] + g["frozen"]
     return {**names, "trainable": g["trainable"], "frozen": g["frozen"], "total": t,
             "ratio": g["trainable"] / t if t else 0.0, "trainable_bytes": g["trainable_bytes"],
@@ -67,12 +68,14 @@ def param_table(model: nn.Module, by: Iterable[str] = ("role",), total: bool = T
     rows = [_count_row(dict(zip(by, k)), groups[k]) for k in sorted((k for k in groups if k is not None), key=rank)]
     return rows + ([_count_row({b: "total" for b in by}, groups[None])] if total and by else [])
 
+# %% ../../nbs/memory/01_accounting.ipynb #d637bc6f
 def param_summary(model: nn.Module) -> dict:
     "The total row of `param_table`: trainable, frozen, total, ratio and bytes."
     return _count_row({}, _group_counts(model, ())[None])
 
 # %% ../../nbs/memory/01_accounting.ipynb #4d02d853
 def _regex_names(params: dict, pattern: str) -> set[str]:
+    "The names of `params` that `pattern` matches in full; a ValueError for a bad pattern or no match."
     try: rx = re.compile(pattern)
     except re.error as e: raise ValueError(f"trainable={pattern!r} is not a valid regex ({e}).") from e
     found = {n for n in params if rx.fullmatch(n)}

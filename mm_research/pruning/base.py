@@ -113,8 +113,7 @@ def scatter_selection(sel: Selection, n_tokens: int) -> torch.Tensor:
 # %% ../../nbs/pruning/00_base.ipynb #ec0a2940
 def hard_keep_index(model, input_ids: torch.Tensor, sel: Selection) -> torch.Tensor:
     "Sequence positions `(B, n)` that hard pruning keeps (text, padding and kept image tokens), ascending."
-    is_img = image_token_mask(model, input_ids)
-    T = int(is_img.sum(1)[0])
+    is_img, T = image_token_mask(model, input_ids), image_token_count(model, input_ids)
     kept_slot = torch.zeros(input_ids.shape[0], T, dtype=torch.bool, device=input_ids.device)
     kept_slot = kept_slot.scatter(1, sel.slots, True)
     slot_of = (is_img.long().cumsum(1) - 1).clamp(min=0)
@@ -134,7 +133,7 @@ def apply_selection(model, batch: dict, sel: Selection, mode: str = "hard", posi
         raise ValueError(f"Unknown position_policy {position_policy!r}: "
                          "use 'original' (keep the kept tokens' positions) or 'renumber'.")
     ids, am = batch["input_ids"], batch["attention_mask"]
-    T = int(image_token_mask(model, ids).sum(1)[0])
+    T = image_token_count(model, ids)
     embeds, pos = build_inputs_embeds(model, ids, scatter_selection(sel, T)), position_ids_from_mask(am)
     if mode == "soft": return dict(inputs_embeds=embeds, attention_mask=am, position_ids=pos)
     idx = hard_keep_index(model, ids, sel)

@@ -73,7 +73,7 @@ def _fastv_prefill_start(st: FastVState, model, kwargs: dict):
     st.prefill = cache is None or cache.get_seq_length() == 0
     if not st.prefill: return
     im, ids = st.image_mask, st.input_ids
-    if im is None and ids is not None and ids.shape == emb.shape[:2]: im = ids == model.config.image_token_id
+    if im is None and ids is not None and ids.shape == emb.shape[:2]: im = image_token_mask(model, ids)
     if im is None:
         raise ValueError("fastv needs the image positions: pass image_mask= when calling with inputs_embeds.")
     if tuple(im.shape) != tuple(emb.shape[:2]):

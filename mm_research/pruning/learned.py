@@ -162,7 +162,7 @@ class ScorerTraining(nn.Module):
 
 # %% ../../nbs/pruning/04_learned.ipynb #524a8358
 @patch
-def keep_mask(self: ScorerTraining, logits: torch.Tensor, k: torch.Tensor | None = None):
+def keep_mask_and_scores(self: ScorerTraining, logits: torch.Tensor, k: torch.Tensor | None = None):
     "Straight-through top-`k` mask (`k` `(B,)` ones per row forward, sigmoid gradient backward) and the soft scores."
     T = logits.shape[1]
     if k is None: k = torch.full((logits.shape[0],), keep_count(T, self.keep_ratios[0]), device=logits.device)
@@ -184,7 +184,8 @@ def keep_mask(self: ScorerTraining, logits: torch.Tensor, k: torch.Tensor | None
 @patch
 def loss_at(self: ScorerTraining, raw, embeds, input_ids, attention_mask, answer_ids, k: torch.Tensor):
     "The loss of one prompt batch with `k` `(B,)` image tokens kept per sample."
-    mask, soft = self.keep_mask(self.scorer.keep_logits(self.llava, input_ids, attention_mask, raw).float(), k)
+    logits = self.scorer.keep_logits(self.llava, input_ids, attention_mask, raw).float()
+    mask, soft = self.keep_mask_and_scores(logits, k)
     pos, am = position_ids_from_mask(attention_mask), attention_mask
     if self.objective == "logmask":
         inputs = build_inputs_embeds(self.llava, input_ids, embeds)

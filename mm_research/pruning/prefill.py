@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ..inspect import get_role
-from ..llava.features import (VisionPass, build_inputs_embeds, eager_attention, image_token_mask,
-                                        position_ids_from_mask, vision_pass)
+from ..llava.features import (VisionPass, build_inputs_embeds, eager_attention, image_token_count,
+                                        image_token_mask, position_ids_from_mask, vision_pass)
 from .base import PruningMethod, apply_selection, keep_count, select_tokens, topk_selection
 from .fastv import fastv, fastv_prefill_flops
 
@@ -117,8 +117,7 @@ def fastv_speed_table(model, batch: dict, k: int = 2, keep_ratios=(1.0, 0.5, 0.2
     "FastV's LM prefill after layer `k` per keep ratio: kept tokens, analytic speedups (paper, Llama), measured one."
     tc, ids, am = model.config.text_config, batch["input_ids"], batch["attention_mask"]
     B, n = ids.shape
-    is_img = image_token_mask(model, ids)
-    T = int(is_img[0].sum())
+    is_img, T = image_token_mask(model, ids), image_token_count(model, ids)
     x = dict(inputs_embeds=build_inputs_embeds(model, ids, vision_pass(model, batch["pixel_values"]).embeds),
              attention_mask=am, position_ids=position_ids_from_mask(am))
     paper = lambda kk, R: fastv_prefill_flops(n, T, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, kk, R)

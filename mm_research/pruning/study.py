@@ -13,7 +13,7 @@ __all__ = ['lm_layers', 'check_study', 'answers_by_type', 'study_data', 'study_b
 
 # %% ../../nbs/pruning/09_study.ipynb #44690630
 import torch
-from ..llava.features import use_eager_vision
+from ..llava.features import image_token_count, use_eager_vision
 from ..llava.tower_pretrain import pruning_base
 from ..llava.vqa import chance_accuracy, encode_vqa, train_vqa_base, vqa_slice
 from ..llava.vqa_data import (SCENE_ANSWERS, VQA_ANSWERS, load_vqa, make_scene_vqa, make_shape_vqa,
@@ -113,7 +113,7 @@ def fastv_cache_tokens(model, batch: dict, k: int, keep_ratio: float) -> tuple[l
     "Tokens each layer's KV cache holds after a prefill inside FastV(k) at `keep_ratio`, and what FastV declares."
     method = FastV(k)
     with method.lm_context(model, batch, keep_ratio): out = model(**batch, use_cache=True, logits_to_keep=1)
-    n, T = batch["input_ids"].shape[1], int((batch["input_ids"][0] == model.config.image_token_id).sum())
+    n, T = batch["input_ids"].shape[1], image_token_count(model, batch["input_ids"])
     held = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     return held, method.layer_tokens(n, T, keep_ratio, model.config.text_config.num_hidden_layers)
 
