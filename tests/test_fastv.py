@@ -1,4 +1,5 @@
-"In-LLM FastV and VisionZip on a tiny LLaVA (8 LM layers, 144 image tokens): argument errors, batch-2 generation."
+"""In-LLM FastV, SparseVLM and VisionZip on the tiny-llava-deep preset (8 LM layers, 144 image tokens): argument
+errors, batch-2 generation, the method objects' in-LM contexts."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -6,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from mm_research.pruning.fastv import fastv, fastv_keep_count, fastv_prefill_flops
+from mm_research.pruning.fastv import FastV, fastv, fastv_keep_count, fastv_prefill_flops
 from mm_research.pruning.visionzip import visionzip_embeds, visionzip_selection, visionzip_split
-from mm_research.zoo import build_model, load_config, override_config, tiny_processor
+from mm_research.zoo import load_model, load_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there in the picture ?"]
 GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True)
@@ -16,9 +17,7 @@ GEN = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_g
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = override_config(load_config("tiny-llava"), {"text_config.num_hidden_layers": 8,
-                                                      "vision_config.image_size": 96, "image_seq_length": 144})
-    m, proc = build_model(cfg, seed=1), tiny_processor("llava", cfg)
+    m, proc = load_model("tiny-llava-deep", device="cpu", seed=1).eval(), load_processor("tiny-llava-deep")
     rng = np.random.default_rng(1)
     imgs = [(rng.random((96, 96, 3)) * 255).astype("uint8") for _ in range(2)]
     batch = proc(images=imgs, text=QUESTIONS, return_tensors="pt", padding=True)
@@ -31,6 +30,15 @@ def test_fastv_bad_arguments(tiny, k, r, msg):
     m = tiny[0]
     with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
         with fastv(m, k, r):
+            pass
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("k", [0, 8])
+def test_fastv_method_refuses_k_outside_the_lm(tiny, k):
+    m, _, _, batch = tiny
+    with pytest.raises(ValueError, match=r"in \[1, 7\]") as e:
+        with FastV(k).lm_context(m, batch, 0.5):
             pass
     assert "\n" not in str(e.value)
 
@@ -56,6 +64,10 @@ def test_fastv_generate_batch2(tiny):
         with torch.no_grad(), fastv(m, 3, 0.5):
             alone = m.generate(**one, **GEN)
         assert torch.equal(alone.sequences[0, -3:], out.sequences[i, -3:])
+    with torch.no_grad(), FastV(3).lm_context(m, batch, 0.5):            # the method object: the same block
+        again = m.generate(**batch, **GEN)
+    assert torch.equal(again.sequences, out.sequences)
+    assert FastV(3).layer_tokens(n, 144, 0.5, 8) == [n] * 3 + [n - 72] * 5
 
 
 def test_fastv_flops_and_counts():

@@ -1,4 +1,4 @@
-"Vision-token pruning (pruners, scorer, prune_eval, prune_cost): keep-all parity, keep sets, FLOPs, training."
+"Vision-token pruning (the method objects, the harness, the sweep, the scorer): keep-all parity, keep sets, FLOPs."
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -7,14 +7,19 @@ import pytest
 import torch
 
 from mm_research.inspect import get_role
-from mm_research.llava.features import mode_logits, position_ids_from_mask
-from mm_research.pruning.prefill import counted_flops, lm_prefill_flops
+from mm_research.llava.features import (image_token_mask, mode_logits, position_ids_from_mask, use_eager_vision,
+                                        vision_pass)
+from mm_research.pruning.base import (SETTINGS, apply_selection, keep_count, kept_slots, parse_setting, pruned_logits,
+                                      pruned_prompt, select_tokens, topk_selection)
+from mm_research.pruning.baselines import CLS, KeepAll, Pool, Random, pool_selection
 from mm_research.pruning.evaluate import (answer_hits, compare_pruners, format_accuracy, generated_answers, hit_rates,
-                                    pruning_accuracy_figure, seed_rates, sweep_accuracy, sweep_hits)
-from mm_research.pruning.base import (KNOWN_PRUNERS, PRUNERS, SETTINGS, apply_selection, check_pruner, image_token_mask,
-                                 in_llm, keep_count, parse_setting, pool_selection, pruned_logits, pruned_prompt,
-                                 select_tokens, topk_selection, use_eager_vision, vision_pass)
-from mm_research.pruning.learned import ScorerTraining, TokenScorer, train_scorer
+                                          pruning_accuracy_figure, seed_rates, sweep_accuracy, sweep_hits)
+from mm_research.pruning.fastv import FastV, FastVInput
+from mm_research.pruning.harness import PRUNERS, experiment_methods
+from mm_research.pruning.learned import Learned, ScorerTraining, TokenScorer, train_scorer
+from mm_research.pruning.prefill import counted_flops, lm_prefill_flops
+from mm_research.pruning.sparsevlm import SparseVLM
+from mm_research.pruning.visionzip import VisionZip
 from mm_research.stats import mcnemar, paired_bootstrap
 from mm_research.zoo import build_model, load_config, override_config, tiny_processor
 
@@ -37,6 +42,17 @@ def make_batch(proc, n=3, seed=0, questions=QUESTIONS):
     return b
 
 
+def every_method(model, k=1):
+    "One config of every registered method for `model` (FastV and its input ablation at layer k, a fresh scorer)."
+    own = {"learned": Learned(TokenScorer.for_model(model)), "fastv": FastV(k), "fastv_input": FastVInput(k)}
+    return [own[n] if n in own else cls() for n, cls in PRUNERS.items()]
+
+
+def runs_in(method, setting):
+    "Whether the sweep runs `method` in `setting`: in-LM methods only in 'hard/original'."
+    return setting == "hard/original" or method.cut != "lm"
+
+
 @pytest.fixture(scope="module")
 def model_batch():
     m, proc = tiny()
@@ -47,11 +63,13 @@ def model_batch():
 def test_keep_all_parity_every_pruner(model_batch, setting):
     m, _, b = model_batch
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
-    scorer = TokenScorer.for_model(m)
-    for pruner in [p for p in KNOWN_PRUNERS if setting == "hard/original" or not in_llm(p)]:
-        lg, sel = pruned_logits(m, b, pruner, 1.0, *parse_setting(setting), scorer=scorer, fastv_layer=1)
-        assert torch.equal(lg, ref), (pruner, setting, (lg - ref).abs().max().item())
-        assert torch.equal(sel.slots, torch.arange(16).expand(3, -1)), pruner
+    methods = every_method(m)
+    assert {x.name for x in methods} >= {"learned", "fastv", "visionzip", "sparsevlm", "cls", "random", "pool",
+                                         "fastv_input", "keep_all"}
+    for method in [x for x in methods if runs_in(x, setting)]:
+        lg, sel = pruned_logits(m, b, method, 1.0, *parse_setting(setting))
+        assert torch.equal(lg, ref), (method.label, setting, (lg - ref).abs().max().item())
+        assert torch.equal(sel.slots, torch.arange(16).expand(3, -1)), method.label
 
 
 @pytest.mark.parametrize("layer,strategy,eager",
@@ -62,19 +80,19 @@ def test_keep_all_parity_variants(layer, strategy, eager):
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
     skip = {"pool", "visionzip"} if strategy == "full" else set()       # 17 tokens: no square grid, CLS kept
     if not isinstance(layer, int): skip.add("visionzip")                # VisionZip merges one feature layer
-    for pruner in [p for p in KNOWN_PRUNERS if p not in skip]:
-        for mode in (("hard",) if in_llm(pruner) else ("soft", "hard")):
-            lg, _ = pruned_logits(m, b, pruner, 1.0, mode, scorer=TokenScorer.for_model(m), fastv_layer=1)
-            assert torch.equal(lg, ref), (layer, strategy, eager, pruner, mode)
+    for method in [x for x in every_method(m) if x.name not in skip]:
+        for mode in (("hard",) if method.cut == "lm" else ("soft", "hard")):
+            lg, _ = pruned_logits(m, b, method, 1.0, mode)
+            assert torch.equal(lg, ref), (layer, strategy, eager, method.label, mode)
 
 
 def test_keep_all_keeps_everything_at_any_ratio(model_batch):
     m, _, b = model_batch
     with torch.no_grad(): ref = mode_logits(m, b, "baseline")
     for r in (0.5, 0.11):
-        assert torch.equal(select_tokens(m, b, "keep_all", r).slots, torch.arange(16).expand(3, -1))
+        assert torch.equal(select_tokens(m, b, KeepAll(), r).slots, torch.arange(16).expand(3, -1))
         for mode in ("soft", "hard"):
-            assert torch.equal(pruned_logits(m, b, "keep_all", r, mode)[0], ref)
+            assert torch.equal(pruned_logits(m, b, KeepAll(), r, mode)[0], ref)
 
 
 def test_one_tower_pass_when_eager(model_batch):
@@ -91,7 +109,7 @@ def test_one_tower_pass_when_eager(model_batch):
 def test_hard_pruning_shapes_and_positions(model_batch):
     m, _, b = model_batch
     L = b["input_ids"].shape[1]
-    sel = select_tokens(m, b, "random", 0.25, generator=torch.Generator().manual_seed(0))
+    sel = select_tokens(m, b, Random(), 0.25, generator=torch.Generator().manual_seed(0))
     orig = apply_selection(m, b, sel, "hard", "original")
     ren = apply_selection(m, b, sel, "hard", "renumber")
     assert orig["inputs_embeds"].shape == (3, L - 12, 64)
@@ -107,7 +125,7 @@ def test_hard_pruning_shapes_and_positions(model_batch):
 
 def test_soft_pruning_zeroes_dropped_image_tokens(model_batch):
     m, _, b = model_batch
-    sel = select_tokens(m, b, "cls", 0.5)
+    sel = select_tokens(m, b, CLS(), 0.5)
     soft = apply_selection(m, b, sel, "soft")
     zero = soft["inputs_embeds"].abs().sum(-1) == 0
     assert int(zero[image_token_mask(m, b["input_ids"])].sum()) == 3 * 8
@@ -128,18 +146,21 @@ def test_selection_helpers():
 
 def test_errors_name_the_fix(model_batch):
     m, _, b = model_batch
-    sel = select_tokens(m, b, "pool", 0.5)
-    with pytest.raises(ValueError, match="Unknown pruner"): select_tokens(m, b, "attention", 0.5)
-    with pytest.raises(ValueError, match="needs a trained TokenScorer"): select_tokens(m, b, "learned", 0.5)
+    sel = select_tokens(m, b, Pool(), 0.5)
+    with pytest.raises(ValueError, match="needs a trained TokenScorer"): select_tokens(m, b, Learned(), 0.5)
     with pytest.raises(ValueError, match="Unknown mode"): apply_selection(m, b, sel, "drop")
     with pytest.raises(ValueError, match="Unknown position_policy"): apply_selection(m, b, sel, "hard", "shift")
     with pytest.raises(ValueError, match="Unknown setting"): parse_setting("soft/renumber")
-    for bad in ("fast", "fastv_k0", "fastv_kx", "FastV", "all"):
-        with pytest.raises(ValueError, match="Unknown pruner"): check_pruner(bad)
-    with pytest.raises(ValueError, match="use setting 'hard/original'"): pruned_prompt(m, b, "sparsevlm", 0.5, "soft")
-    with pytest.raises(ValueError, match=r"in \[1, 1\]"):                  # K=2 on a 2-layer LM
-        with pruned_prompt(m, b, "fastv", 0.5)[1]: pass
-    with pytest.raises(ValueError, match="add it to settings"): sweep_hits(m, b, ["fastv_k1"], settings=["soft"])
+    for bad in ("fast", "fastv_k0", "fastv_k1", "FastV", "attention", "topk"):     # names of classes only, no K
+        with pytest.raises(ValueError, match=f"Unknown pruner '{bad}'"): experiment_methods(bad)
+    with pytest.raises(ValueError, match="use setting 'hard/original'"): pruned_prompt(m, b, SparseVLM(), 0.5, "soft")
+    for k in (0, 2):                                                        # K=0, and K=2 on a 2-layer LM
+        with pytest.raises(ValueError, match=r"in \[1, 1\]"):
+            with pruned_prompt(m, b, FastV(k), 0.5)[1]: pass
+    with pytest.raises(ValueError, match="add it to settings"): sweep_hits(m, b, [FastV(1)], settings=["soft"])
+    m2, proc2 = tiny([-3, -1])
+    with pytest.raises(ValueError, match="strategy 'default'"):            # VisionZip merges one feature layer
+        select_tokens(m2, make_batch(proc2), VisionZip(), 0.5)
 
 
 def test_flops_analytic_matches_counter(model_batch):
@@ -148,7 +169,7 @@ def test_flops_analytic_matches_counter(model_batch):
     # hand count, 20 tokens: q,o 327,680; k,v 163,840; attention 102,400; MLP 983,040 per layer; head 31,616
     assert lm_prefill_flops(cfg, 20) == 2 * (327_680 + 163_840 + 102_400 + 983_040) + 31_616
     for r in (1.0, 0.25):
-        inputs = apply_selection(m, b, select_tokens(m, b, "cls", r), "hard")
+        inputs = apply_selection(m, b, select_tokens(m, b, CLS(), r), "hard")
         B, n = inputs["inputs_embeds"].shape[:2]
         assert counted_flops(m, inputs) == lm_prefill_flops(cfg, n, B)
 
@@ -158,12 +179,16 @@ def test_sweep_keep_all_row_is_baseline(model_batch):
     from mm_research.llava.vqa import answer_tokens
     toks, mask = answer_tokens(proc.tokenizer, ["red", "two", "top left"])
     data = dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "count", "corner"])
-    acc = sweep_accuracy(m, data, keep_ratios=(1.0, 0.5), scorer=TokenScorer.for_model(m), batch_size=2, fastv_layer=1)
+    methods = experiment_methods("all", fastv_ks=(1,), scorer=TokenScorer.for_model(m))
+    labels = ["learned", "fastv_k1", "visionzip", "sparsevlm", "cls", "random", "pool"]
+    assert [x.label for x in methods] == labels
+    acc = sweep_accuracy(m, data, methods, keep_ratios=(1.0, 0.5), batch_size=2)
     for st in SETTINGS:
-        for p in [p for p in PRUNERS if st == "hard/original" or not in_llm(p)]:
-            assert acc[st][p]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
-        assert set(acc[st]) == {p for p in PRUNERS if st == "hard/original" or not in_llm(p)}
-    hits = sweep_hits(m, data, ["keep_all"], (1.0, 0.25, 0.11), batch_size=2)
+        for x in [x for x in methods if runs_in(x, st)]:
+            assert acc[st][x.label]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
+        assert set(acc[st]) == {x.label for x in methods if runs_in(x, st)}
+    assert set(acc["soft"]) == set(labels) - {"fastv_k1", "sparsevlm"}
+    hits = sweep_hits(m, data, [KeepAll()], (1.0, 0.25, 0.11), batch_size=2)
     assert all(torch.equal(a, b) for k in hits for a, b in zip(hits[k], hits["baseline"]))
 
 
@@ -189,7 +214,7 @@ def test_hard_training_loss_is_hard_pruning_loss(model_batch):
     ans = torch.tensor(proc.tokenizer.convert_tokens_to_ids(["red", "two", "left"]))
     w = ScorerTraining(m, TokenScorer.for_model(m), keep_ratio=0.25, budget_weight=0.0, train_mode="hard").eval()
     with torch.no_grad():
-        lg, _ = pruned_logits(m, b, "learned", 0.25, "hard", "original", scorer=w.scorer, logits_to_keep=1)
+        lg, _ = pruned_logits(m, b, Learned(w.scorer), 0.25, "hard", "original", logits_to_keep=1)
         loss = w(b["pixel_values"], b["input_ids"], b["attention_mask"], ans)
     assert abs(loss.item() - torch.nn.functional.cross_entropy(lg[:, -1], ans).item()) < 1e-4
     with pytest.raises(ValueError, match="Unknown train_mode"):
@@ -260,9 +285,9 @@ def deep_batch():
 
 def test_in_llm_pruners_at_batch_two_through_the_scoring_path(deep_batch):
     m, data = deep_batch
-    base = answer_hits(m, pruned_prompt(m, data, "keep_all", 1.0)[0], data, data["types"], {})
-    with torch.no_grad(): ref = m(**pruned_prompt(m, data, "fastv", 1.0)[0]).logits
-    for p in ("fastv", "fastv_k3", "sparsevlm"):
+    base = answer_hits(m, pruned_prompt(m, data, KeepAll(), 1.0)[0], data, data["types"], {})
+    with torch.no_grad(): ref = m(**pruned_prompt(m, data, FastV(), 1.0)[0]).logits
+    for p in (FastV(), FastV(3), SparseVLM()):
         inputs, ctx = pruned_prompt(m, data, p, 1.0)
         with torch.no_grad(), ctx: assert torch.equal(m(**inputs).logits, ref), p        # keep 1.0: R = 0, exact
         inputs, ctx = pruned_prompt(m, data, p, 1.0)
@@ -277,18 +302,17 @@ def test_in_llm_pruners_at_batch_two_through_the_scoring_path(deep_batch):
         toks2[1, 0] = (toks[1, 0] + 1) % 200
         inputs, ctx = pruned_prompt(m, data, p, 0.25)
         hits = answer_hits(m, inputs, dict(forced, answer_tokens=toks2), data["types"], {}, ctx)[0]
-        assert hits.tolist() == [True, False], p
+        assert hits.tolist() == [True, False], p.label
 
 
 def test_fastv_cache_and_keep_sets_through_pruned_prompt(deep_batch):
     m, data = deep_batch
     L = data["input_ids"].shape[1]                        # 16 image tokens; keep 0.5: 8 of them after layer 2
-    inputs, ctx = pruned_prompt(m, data, "fastv", 0.5)
+    inputs, ctx = pruned_prompt(m, data, FastV(), 0.5)
     with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 8]
-    sel = select_tokens(m, data, "fastv", 0.5)            # FastV's keep set = the top 8 of its layer-2 signal
-    from mm_research.pruning.base import kept_slots
+    sel = select_tokens(m, data, FastV(), 0.5)            # FastV's keep set = the top 8 of its layer-2 signal
     assert torch.equal(sel.slots, kept_slots(st))
-    inputs, ctx = pruned_prompt(m, data, "sparsevlm", 0.25, sparsevlm_layers=(2, 3))   # after 2 (to 8), 3 (to 4)
+    inputs, ctx = pruned_prompt(m, data, SparseVLM(layers=(2, 3)), 0.25)   # after 2 (to 8), 3 (to 4)
     with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 12]

@@ -5,9 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mm_research.pruning.base import select_tokens, use_eager_vision
-from mm_research.pruning.learned import (DEFAULT_KEEP_RATIOS, OBJECTIVES, ScorerTraining, TokenScorer, question_groups,
-                                question_relevance, shape_relevance_set, train_scorer)
+from mm_research.llava.features import use_eager_vision
+from mm_research.pruning.base import select_tokens
+from mm_research.pruning.baselines import CLS
+from mm_research.pruning.evaluate import question_groups, question_relevance, shape_relevance_set
+from mm_research.pruning.learned import (DEFAULT_KEEP_RATIOS, OBJECTIVES, Learned, ScorerTraining, TokenScorer,
+                                         train_scorer)
 from mm_research.zoo import build_model, load_config, tiny_processor
 
 
@@ -40,11 +43,11 @@ def test_trained_keep_set_follows_the_question(model_data, tmp_path):
     scorer, res = train_scorer(m, data, data, keep_ratios=[0.25, 0.11], epochs=1, batch_size=8, run_dir=tmp_path,
                                device="cpu")
     assert {"eval_acc@0.25", "eval_acc@0.11"} <= set(res.history[-1])
-    rel = question_relevance(m, scorer, data, 0.25, pruners=("learned", "cls"))
+    rel = question_relevance(m, data, 0.25, [Learned(scorer), CLS()])
     assert rel["n_images"] == 8 and rel["n_pairs"] == 8 * 3
     assert rel["cls"] == 0.0 and rel["learned"] > 0, rel
     b = {k: data[k] for k in ("pixel_values", "input_ids", "attention_mask")}    # rows 3i..3i+2: image i
-    slots = select_tokens(m, b, "learned", 0.25, scorer=scorer).slots.view(8, 3, -1)
+    slots = select_tokens(m, b, Learned(scorer), 0.25).slots.view(8, 3, -1)
     moved = [i for i in range(8) if any(not torch.equal(slots[i, 0], slots[i, j]) for j in (1, 2))]
     assert moved, slots                                  # some image keeps different tokens for different questions
 

@@ -100,6 +100,7 @@ def label_accuracy(model, dl) -> dict:
     return {**accuracy(cat(calls), name="eval_label_acc"), **accuracy(cat(colors), name="eval_patch_color_acc"),
             **accuracy(cat(kinds), name="eval_patch_kind_acc")}
 
+# %% ../../nbs/llava/04_tower_pretrain.ipynb #2b8535c3
 def majority_label_accuracy(labels: torch.Tensor) -> float:
     "Accuracy of calling each label by its more frequent value in `labels` (chance for `label_accuracy`)."
     p = labels.float().mean(0)
@@ -114,6 +115,7 @@ def _tower_loader(data: dict, batch_size: int, shuffle: bool, seed: int = 0):
     return torch.utils.data.DataLoader(list(range(len(data["labels"]))), batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, generator=torch.Generator().manual_seed(seed))
 
+# %% ../../nbs/llava/04_tower_pretrain.ipynb #cce6fca8
 @torch.no_grad()
 def _probe_loss(probe, data: dict) -> float:
     probe.eval()
@@ -217,6 +219,7 @@ def auroc(scores, labels) -> float:
     wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
     return float(wins / (len(pos) * len(neg)))
 
+# %% ../../nbs/llava/04_tower_pretrain.ipynb #1a1d6277
 @torch.no_grad()
 def cls_attention_auroc(model, scenes: dict, batch_size: int = 64) -> float:
     "Mean over `scenes` of the AUROC of the read layer's CLS attention for object patches against background."

@@ -10,8 +10,9 @@ from typing import ClassVar, NamedTuple
 
 # %% auto #0
 __all__ = ['APPLY_MODES', 'POSITION_POLICIES', 'SETTINGS', 'keep_count', 'gather_positions', 'Selection', 'topk_selection',
-           'PruningMethod', 'select_tokens', 'parse_setting', 'scatter_selection', 'hard_keep_index', 'apply_selection',
-           'kept_image_slots', 'kept_slots', 'pruned_prompt', 'pruned_logits', 'cls_row_flops', 'linear_flops']
+           'PruningMethod', 'check_method', 'select_tokens', 'parse_setting', 'scatter_selection', 'hard_keep_index',
+           'apply_selection', 'kept_image_slots', 'kept_slots', 'pruned_prompt', 'pruned_logits', 'cls_row_flops',
+           'linear_flops', 'lm_prefill_flops']
 
 # %% ../../nbs/pruning/00_base.ipynb #93277aa5
 import torch
@@ -84,11 +85,19 @@ class PruningMethod:
 
     def projected_tokens(self, n_image: int, keep_ratio: float) -> int: return n_image
 
+# %% ../../nbs/pruning/00_base.ipynb #551c5336
+def check_method(method) -> PruningMethod:
+    "`method` if it is a PruningMethod config, else a one-line ValueError saying how to get one."
+    if not isinstance(method, PruningMethod):
+        raise ValueError(f"{method!r} is no PruningMethod: give a config such as FastV(k=2), or take them from "
+                         "mm_research.pruning.harness.experiment_methods.")
+    return method
+
 # %% ../../nbs/pruning/00_base.ipynb #443c169b
 def select_tokens(model, batch: dict, method: PruningMethod, keep_ratio: float, vp: VisionPass | None = None,
                   scores: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Selection:
     "The keep set (or pooled / merged tokens) of `method` at `keep_ratio` for `batch`."
-    if vp is None and not method.own_vision_pass:
+    if vp is None and not check_method(method).own_vision_pass:
         vp = vision_pass(model, batch["pixel_values"], cls_attention=method.needs_cls_attention)
     return method.select(model, batch, vp, keep_ratio, generator, scores)
 
@@ -158,7 +167,7 @@ def pruned_prompt(model, batch: dict, method: PruningMethod, keep_ratio: float, 
                   position_policy: str = "original", vp: VisionPass | None = None, scores: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> tuple[dict, contextlib.AbstractContextManager]:
     "Forward/generate kwargs of `batch`'s prompt pruned by `method` at `keep_ratio`, and the context to run them in."
-    if method.cut == "lm":
+    if check_method(method).cut == "lm":
         if (mode, position_policy) != ("hard", "original"):
             raise ValueError(f"{method.label!r} prunes inside the LM, always hard with original positions: "
                              "use setting 'hard/original'.")
@@ -189,3 +198,16 @@ def cls_row_flops(vision_config, n_images: int = 1) -> int:
 def linear_flops(module: nn.Module, n_tokens: int) -> int:
     "FLOPs of every nn.Linear in `module` applied to `n_tokens` tokens (2 per multiply-add)."
     return sum(2 * n_tokens * x.in_features * x.out_features for x in module.modules() if isinstance(x, nn.Linear))
+
+# %% ../../nbs/pruning/00_base.ipynb #f2622964
+def lm_prefill_flops(text_config, n_tokens: int, batch: int = 1, logits_tokens: int = 1) -> int:
+    "FLOPs of the language model's prefill over `n_tokens` (per batch of `batch`), LM head on `logits_tokens`."
+    c = text_config
+    d, h, L, ffn, V = c.hidden_size, c.num_attention_heads, c.num_hidden_layers, c.intermediate_size, c.vocab_size
+    hd = getattr(c, "head_dim", None) or d // h
+    kv = getattr(c, "num_key_value_heads", None) or h
+    n = n_tokens
+    proj = 2 * n * d * h * hd * 2 + 2 * n * d * kv * hd * 2
+    attn = 2 * 2 * n * n * h * hd
+    mlp = 3 * 2 * n * d * ffn
+    return batch * (L * (proj + attn + mlp) + 2 * logits_tokens * d * V)

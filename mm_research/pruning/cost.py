@@ -21,8 +21,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from ..core import resolve_device
 from ..inspect import get_role
 from ..llava.features import image_token_count
-from .base import PruningMethod, apply_selection, keep_count, linear_flops, select_tokens
-from .prefill import lm_prefill_flops
+from .base import (PruningMethod, apply_selection, check_method, keep_count, linear_flops,
+                                      lm_prefill_flops, select_tokens)
 from ..stats import mean_ci
 
 # %% ../../nbs/pruning/08_cost.ipynb #dce82534
@@ -52,6 +52,7 @@ def prepare_model(model, device="auto", dtype="auto", attn: str = "sdpa"):
     model.set_attn_implementation(attn)
     return model.to(dev, getattr(torch, dtype) if isinstance(dtype, str) else dtype).eval()
 
+# %% ../../nbs/pruning/08_cost.ipynb #f925c809
 def batch_to(model, batch: dict) -> dict:
     "`batch`'s pixel values, ids and mask on `model`'s device (pixels in its dtype)."
     p = next(model.parameters())
@@ -70,6 +71,7 @@ def kv_cache_bytes(cache) -> int:
     "Bytes of the key and value tensors of every layer of a transformers cache."
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
+# %% ../../nbs/pruning/08_cost.ipynb #500628b2
 def kv_cache_tokens(cache) -> list[int]:
     "Tokens each layer of a transformers cache holds."
     return [layer.keys.shape[-2] for layer in cache.layers]
@@ -91,7 +93,7 @@ class StepClock(LogitsProcessor):
 def method_inputs(model, batch: dict, method: PruningMethod | None, keep_ratio: float, generator=None):
     "`generate` kwargs and the context to run them in, for `method` at `keep_ratio` (its vision and scoring done)."
     if method is None: return batch, contextlib.nullcontext()
-    if method.cut == "lm": return batch, method.lm_context(model, batch, keep_ratio)
+    if check_method(method).cut == "lm": return batch, method.lm_context(model, batch, keep_ratio)
     sel = select_tokens(model, batch, method, keep_ratio, generator=generator)
     return apply_selection(model, batch, sel, "hard", "original"), contextlib.nullcontext()
 
@@ -200,9 +202,7 @@ def method_cost(model, batch: dict, method: PruningMethod | None, keep_ratio: fl
 # %% ../../nbs/pruning/08_cost.ipynb #bd20450e
 def _cases(batches: list[dict], methods, keep_ratios) -> list[tuple]:
     "(batch, method, keep ratio) for every case: the unpruned model (None) once per batch, then each method per ratio."
-    for m in methods:
-        if not isinstance(m, PruningMethod):
-            raise ValueError(f"{m!r} is no PruningMethod: take configs from the harness.")
+    for m in methods: check_method(m)
     for r in keep_ratios: keep_count(1, r)
     others = list(dict.fromkeys(methods))
     return [(b, m, r) for b in batches for m in (None, *others) for r in ((1.0,) if m is None else keep_ratios)]

@@ -48,6 +48,7 @@ def continue_kwargs(inputs: dict, tokens: torch.Tensor) -> dict:
     return dict(input_ids=tokens, attention_mask=torch.cat([am, torch.ones_like(tokens)], 1),
                 position_ids=pos[:, -1:] + step)
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #8a387d15
 @torch.no_grad()
 def next_logits(model, inputs: dict, cache, first: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     "Logits `(B, A, V)` predicting each of `tokens` after the prompt: `first`, then `tokens[:, :-1]` through the cache."
@@ -73,6 +74,7 @@ def cached_picks(model, inputs: dict, cache, first: torch.Tensor, types: list, c
         for r, k in zip(rows.tolist(), scores.argmax(1).tolist()): picks[r] = k
     return picks
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #52006a16
 @torch.no_grad()
 def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict,
                 context=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +170,11 @@ def seed_rates(accs: list[dict]) -> dict:
 def _point(v) -> float:
     return v["mean"] if isinstance(v, dict) else float(v)
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #8fec9428
 def _cell(v) -> str:
     return fmt_ci(v) if isinstance(v, dict) and v.get("n", 1) > 1 else f"{_point(v):.3f}"
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #af9f5f6e
 def retained_table(acc: dict, setting: str, metric: str = "exact") -> dict:
     "{pruner: {ratio: accuracy as % of the baseline's}} for one setting, like the published tables (of the means)."
     b = _point(acc["baseline"][metric])
@@ -219,6 +223,7 @@ def _interval(vals: list) -> np.ndarray | None:
     err = np.array([[v["mean"] - v["lo"], v["hi"] - v["mean"]] for v in vals], dtype=float).T
     return np.nan_to_num(err)
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #63439624
 def pruning_accuracy_figure(acc: dict, setting: str, n_tokens: int, metric: str = "exact",
                             chance: float | None = None):
     "Figure: accuracy against image tokens kept, per pruner, for one setting (95% intervals over seeds as bars)."
@@ -258,6 +263,7 @@ def kept_patches_image(image: np.ndarray, slots, side: int) -> np.ndarray:
     H, W = image.shape[:2]
     return image * (0.25 + 0.75 * np.kron(keep, np.ones((H // side, W // side)))[..., None])
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #51f5cb5e
 def pooled_image(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     "`image` averaged over the cells of `grid` (rows, cols)."
     pooled = F.adaptive_avg_pool2d(torch.from_numpy(image).permute(2, 0, 1)[None], grid)

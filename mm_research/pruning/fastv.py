@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 from ..inspect import get_role
 from ..llava.features import (VisionPass, build_inputs_embeds, eager_attention, image_token_count,
                                         image_token_mask, position_ids_from_mask)
-from .base import PruningMethod, gather_positions, keep_count, topk_selection
+from .base import PruningMethod, gather_positions, keep_count, lm_prefill_flops, topk_selection
 
 # %% ../../nbs/pruning/01_fastv.ipynb #a7c6e0c2
 def fastv_keep_count(n_image: int, r: float) -> int:
@@ -204,3 +204,6 @@ class FastVInput(PruningMethod):
     compared: ClassVar[bool] = False
 
     def scores(self, model, batch, vp, generator=None): return fastv_scores(model, batch, vp.embeds, self.k)
+
+    def scoring_flops(self, model, n_tokens, n_image, keep_ratio, tokens, batch=1):
+        return lm_prefill_flops(model.config.text_config, n_tokens, batch)      # a whole prefill to read the signal

@@ -95,7 +95,7 @@ def visionzip_embeds(model, pixel_values: torch.Tensor, budget: int, contextual:
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #c956c5b0
 def visionzip_selection(model, pixel_values: torch.Tensor, budget: int, contextual: int | None = None) -> Selection:
-    "VisionZip's tokens as a `pruners.Selection`: embeddings sorted by patch slot, slots, CLS-attention scores."
+    "VisionZip's tokens as a `base.Selection`: embeddings sorted by patch slot, slots, CLS-attention scores."
     sig = visionzip_signals(model, pixel_values)
     tokens, slots = visionzip_merge(sig.raw, sig.keys, sig.cls_attention, *visionzip_split(budget, sig.raw.shape[1],
                                                                                              contextual))
