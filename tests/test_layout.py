@@ -8,7 +8,7 @@ PKG = Path(mm_research.__file__).parent
 FLOORS = {"ground": ("core", "stats", "zoo", "inspect", "checkpoints", "cache", "train"),
           "top": ("setups", "runner", "reproduce", "cli")}
 RANK = {"ground": 0, "structure": 1, "memory": 2, "speech": 3, "llava": 3, "pruning": 4, "gated": 5, "top": 6}
-PRUNING_WORDS = re.compile(r"fastv|visionzip|sparsevlm|token ?scorer|pruner", re.I)
+PRUNING_WORDS = re.compile(r"fastv|visionzip|sparsevlm|token ?scorer", re.I)     # the methods, by name
 
 
 def modules() -> dict[str, Path]:
@@ -75,7 +75,7 @@ def test_no_import_circle():
 
 
 def test_pruning_methods_are_named_only_in_pruning():
-    "Outside pruning/ (and the CLI's help, which lists what the registry holds) no module names a pruning method."
+    "Outside pruning/ no module names a pruning method: the CLI and the setups reach them through the registry."
     named = {n: sorted(set(PRUNING_WORDS.findall(p.read_text()))) for n, p in modules().items()
              if concern(n) != "pruning"}
     assert not {n: w for n, w in named.items() if w}, named
@@ -84,3 +84,40 @@ def test_pruning_methods_are_named_only_in_pruning():
 def test_pruning_base_imports_no_method():
     base = {t for t, _ in imports("pruning.base", modules()["pruning.base"])}
     assert not {t for t in base if concern(t) == "pruning"}, base
+
+
+EXPERIMENTS = sorted((PKG.parent/"nbs"/"experiments").glob("*.ipynb"))
+MAX_FUNCTION_LINES, MAX_PROJECT_MODULES = 12, 8     # "about 10" lines and "about 8" modules, as the layout asks
+
+
+def experiment_code(path: Path) -> ast.Module:
+    "The code cells of experiment notebook `path` as one module (IPython lines dropped)."
+    import json
+    cells = json.loads(path.read_text())["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return ast.parse("\n".join(l for l in code.split("\n") if not l.lstrip().startswith(("%", "!"))))
+
+
+def project_modules(tree: ast.Module) -> set[str]:
+    "The project modules an experiment imports (`from mm_research.pruning import study` counts pruning.study)."
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mm_research"):
+            mod = node.module.removeprefix("mm_research").strip(".")
+            found |= {f"{mod}.{a.name}".strip(".") if f"{mod}.{a.name}".strip(".") in modules() else mod
+                      for a in node.names}
+    return found
+
+
+def test_experiments_read_as_methods_sections():
+    "Each experiment imports from at most about 8 project modules and defines no function longer than about 10 lines."
+    assert EXPERIMENTS, "no experiment notebooks found"
+    bad = []
+    for path in EXPERIMENTS:
+        tree = experiment_code(path)
+        if len(mods := project_modules(tree)) > MAX_PROJECT_MODULES:
+            bad.append(f"{path.name} imports {len(mods)} project modules: {sorted(mods)}")
+        bad += [f"{path.name}: {f.name} has {f.end_lineno - f.lineno + 1} lines" for f in ast.walk(tree)
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not bad, "\n".join(bad)
