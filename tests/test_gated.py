@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mm_research.runner import notebook_parameters
-from mm_research.gated.model import (DEFAULT_TRAIN_PARTS, METHODS, ArtVQACollator, GatedLinear, StyleGatedBlip2,
+from mm_research.gated.model import (DEFAULT_TRAIN_PARTS, GATING_VARIANTS, ArtVQACollator, GatedLinear, StyleGatedBlip2,
                                apply_freeze_plan, build_gated_model, cast_language_model, cross_attention_kv,
                                gate_parameters, generate_answer_ids, load_blip2, parameter_groups, parameter_table,
                                style_query_parameters, vqa_loss)
@@ -134,7 +134,7 @@ def logits(m, b):
 
 def test_three_methods_start_as_one_function(batch):
     enc = build_style_encoder()
-    models = {name: build_gated_model("tiny-blip2", enc, **kw) for name, kw in METHODS.items()}
+    models = {name: build_gated_model("tiny-blip2", enc, **kw) for name, kw in GATING_VARIANTS.items()}
     ref = logits(models["ungated"], batch)
     for name, m in models.items():
         assert torch.equal(logits(m, batch), ref), name
@@ -152,13 +152,13 @@ def test_control_sees_the_style_without_gates(batch):
     with torch.no_grad():   # a fresh encoder's pooled features are ~0 for every image: give it weights that differ
         for m in enc.modules():
             if isinstance(m, torch.nn.Conv2d): torch.nn.init.kaiming_normal_(m.weight)
-    ctl = build_gated_model("tiny-blip2", enc, **METHODS["control"])
+    ctl = build_gated_model("tiny-blip2", enc, **GATING_VARIANTS["control"])
     with torch.no_grad():
         for p in ctl.style_query.parameters(): p.normal_(0, 0.1)
     other = {**batch, "style_pixel_values": batch["style_pixel_values"].flip(0)}
     assert not torch.equal(logits(ctl, batch), logits(ctl, other))          # the style reaches the answer
     assert all(torch.equal(g.gate, torch.zeros_like(g.gate)) for g in ctl.gates.values())
-    twin = build_gated_model("tiny-blip2", enc, **METHODS["ungated"])
+    twin = build_gated_model("tiny-blip2", enc, **GATING_VARIANTS["ungated"])
     with torch.no_grad():
         for g in twin.gates.values(): g.gate.fill_(0.5)
     assert torch.equal(logits(twin, batch), logits(twin, other))            # the ungated twin's does not depend on it
@@ -167,7 +167,7 @@ def test_control_sees_the_style_without_gates(batch):
 
 
 def test_control_copy_shifts_with_its_own_weights(batch):
-    ctl = build_gated_model("tiny-blip2", build_style_encoder(), **METHODS["control"])
+    ctl = build_gated_model("tiny-blip2", build_style_encoder(), **GATING_VARIANTS["control"])
     before = logits(ctl, batch)
     twin = copy.deepcopy(ctl)
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_control_copy_shifts_with_its_own_weights(batch):
 
 def test_control_budget_on_the_real_architecture():
     b3 = build_style_encoder("efficientnet-b3-wikiart27")
-    m = build_gated_model("blip2-opt-2.7b", b3, device="meta", **METHODS["control"])
+    m = build_gated_model("blip2-opt-2.7b", b3, device="meta", **GATING_VARIANTS["control"])
     shift = sum(p.numel() for p in style_query_parameters(m))
     assert shift == (1536 + 1) * 32 * 768                                  # style dim -> 32 query tokens x 768
     rows = {r["role"].strip(): r for r in parameter_table(m)}
@@ -197,7 +197,7 @@ def test_pretrained_base_loads_into_every_method(tmp_path, batch):
     lm = roles(blip)["language_model"]
     path = save_safetensors({k: v.detach() for k, v in blip.named_parameters() if k.startswith(lm + ".")},
                             tmp_path / "lm.safetensors")                   # tied weights once
-    for name, kw in METHODS.items():
+    for name, kw in GATING_VARIANTS.items():
         m = build_gated_model("tiny-blip2", build_style_encoder(), base_lm=path, **kw)
         for k, v in get_role(m.blip2, "language_model").state_dict().items():
             assert torch.equal(v, get_role(blip, "language_model").state_dict()[k]), (name, k)
