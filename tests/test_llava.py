@@ -1,5 +1,5 @@
-"""Outside interfaces of mm_research.llava.features (one-pass features, padded batches, exact parity of the evaluation modes)
-and of mm_research.llava.vqa's cached base training."""
+"""Outside interfaces of mm_research.llava.features (one-pass features, padded batches, exact parity of the
+evaluation modes) and of mm_research.llava.vqa's cached base training."""
 import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -26,8 +26,9 @@ from PIL import Image
 from ..core import accuracy, resolve_device
 from ..stats import fmt_ci
 from ..inspect import get_role
-from .features import (EVAL_MODES, build_inputs_embeds, encode_images, mode_generate, mode_inputs,
-                                        parity_report, position_ids_from_mask, select_image_features)
+from .features import (EVAL_MODES, build_inputs_embeds, encode_images, image_token_count,
+                                        mode_generate, mode_inputs, parity_report, position_ids_from_mask,
+                                        select_image_features)
 from ..cache import cached_training
 from ..train import fit, load_trainable, resolve_mixed_precision
 from .vqa_data import VQA_ANSWERS, load_vqa, make_shape_vqa, shape_vqa_root, split_overlap
@@ -407,7 +408,7 @@ def measure_feature_paths(model, test: dict, rows: list[dict], processor, embeds
 # %% ../../nbs/llava/03_vqa.ipynb #b08ea3f7
 def cls_features_refused(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> dict:
     "How many features `pixel_values` give with CLS, the prompt's image tokens, and `build_inputs_embeds`' refusal."
-    n_img_tokens = int((input_ids[0] == model.config.image_token_id).sum())
+    n_img_tokens = image_token_count(model, input_ids)
     with torch.no_grad(): with_cls = encode_images(model, pixel_values, vision_feature_select_strategy="full")
     projected = get_role(model, "projector")(with_cls.raw[:8])
     try: build_inputs_embeds(model, input_ids[:8].to(pixel_values.device), projected)
