@@ -121,3 +121,9 @@ def test_experiments_read_as_methods_sections():
                 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
     assert not bad, "\n".join(bad)
+
+
+def test_module_docstrings_are_whole_sentences():
+    "Each module's docstring (its notebook's one-line description) is a sentence that ends: none stops mid-way."
+    cut = {n: ast.get_docstring(ast.parse(p.read_text())) or "" for n, p in modules().items()}
+    assert not {n: d for n, d in cut.items() if not d.rstrip().endswith((".", ".)", ".`")) or "\n" in d.strip()}, cut
