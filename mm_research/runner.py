@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_runner.ipynb #07793153
 from __future__ import annotations
-import ast, contextlib, difflib, fcntl, importlib, json, os, re
+import ast, contextlib, difflib, fcntl, importlib, json, math, os, re
 from pathlib import Path
 from typing import Callable
 import yaml
@@ -92,8 +92,11 @@ def _lazy(module: str, name: str) -> Callable:
 
 # %% ../nbs/90_runner.ipynb #729bc109
 def _in_range(test: Callable, text: str) -> Callable:
-    "Check: `test(value)` holds."
-    return lambda v: None if test(v) else f"is out of range: give a value {text}"
+    "Check: the value is a finite number (when a number) and `test(value)` holds."
+    def check(v):
+        if isinstance(v, float) and not math.isfinite(v): return f"is not a finite number: give a value {text}"
+        return None if test(v) else f"is out of range: give a value {text}"
+    return check
 
 # %% ../nbs/90_runner.ipynb #6e8d8c19
 def _one_of(get: Callable, extra: tuple = ()) -> Callable:
@@ -115,12 +118,13 @@ def _items(get: Callable, empty_ok: bool = False) -> Callable:
     return check
 
 # %% ../nbs/90_runner.ipynb #a27d0bdb
-def _list_of(item: Callable, what: str, example: str) -> Callable:
-    "Check: a non-empty list whose items all pass `item`."
+def _list_of(item: Callable, what: str, example: str, distinct: bool = False) -> Callable:
+    "Check: a non-empty list whose items all pass `item` (and, with `distinct`, none repeated)."
     def check(v):
         if not isinstance(v, (list, tuple)) or not v: return f"must be a non-empty list of {what}: e.g. {example}"
-        bad = [x for x in v if not item(x)]
-        return f"has item(s) {bad} that are not {what}: e.g. {example}" if bad else None
+        if bad := [x for x in v if not item(x)]: return f"has item(s) {bad} that are not {what}: e.g. {example}"
+        if distinct and (rep := sorted({x for x in v if list(v).count(x) > 1})):
+            return f"repeats {rep}: each item counts once, so give distinct {what}: e.g. {example}"
     return check
 
 # %% ../nbs/90_runner.ipynb #7e93af2d
@@ -150,7 +154,7 @@ def _check_model(v) -> str | None:
 
 # %% ../nbs/90_runner.ipynb #84995caf
 _is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 AT_LEAST_0, AT_LEAST_1 = _in_range(lambda v: v >= 0, ">= 0"), _in_range(lambda v: v >= 1, ">= 1")
 POSITIVE = _in_range(lambda v: v > 0, "> 0")
 _DTYPE = _one_of(_lazy("core", "DTYPES"), ("auto",))
@@ -169,8 +173,8 @@ PARAMETER_CHECKS = {
     "dtype": _DTYPE, "trainable_dtype": _DTYPE, "position_policy": _one_of(_lazy("pruning.base", "POSITION_POLICIES")),
     "train_mode": _one_of(_lazy("pruning.base", "APPLY_MODES")),
     "question_pool": _one_of(_lazy("pruning.learned", "QUESTION_POOLS")),
-    "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _is_int(x) and x >= 0, "ints >= 0", "[0, 1, 2]"),
-    "lrs": _list_of(lambda x: _is_num(x) and x > 0, "numbers > 0", "[0.001, 0.01]"),
+    "seed": AT_LEAST_0, "seeds": _list_of(lambda x: _is_int(x) and x >= 0, "ints >= 0", "[0, 1, 2]", distinct=True),
+    "lrs": _list_of(lambda x: _is_num(x) and x > 0, "finite numbers > 0", "[0.001, 0.01]", distinct=True),
     "objective": _one_of(_lazy("pruning.learned", "OBJECTIVES")),
     "train_keep_ratios": _raises(_lazy("pruning.learned", "check_keep_ratios")),
     "keep_ratios": _list_of(lambda x: _is_num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),

@@ -60,7 +60,12 @@ def test_warm_up(no_kernel, capsys):  # the first call imports papermill and rea
     ("30_gated", "val_fraction", "1", "val_fraction=1.0 is out of range: give a value in (0, 1)"),
     ("30_gated", "seeds", "[]", "seeds=[] must be a non-empty list of ints >= 0"),
     ("30_gated", "seeds", "[0, 1.5]", "seeds=[0, 1.5] has item(s) [1.5] that are not ints >= 0"),
-    ("10_speech", "lrs", "[0.1, -1]", "lrs=[0.1, -1] has item(s) [-1] that are not numbers > 0"),
+    ("10_speech", "lrs", "[0.1, -1]", "lrs=[0.1, -1] has item(s) [-1] that are not finite numbers > 0"),
+    ("10_speech", "lrs", "[.inf]", "lrs=[inf] has item(s) [inf] that are not finite numbers > 0"),
+    ("20_llava", "lr", ".inf", "20_llava: lr=inf is not a finite number: give a value > 0"),
+    ("20_llava", "lr", ".nan", "lr=nan is not a finite number"),
+    ("30_gated", "seeds", "[0, 0]", "30_gated: seeds=[0, 0] repeats [0]: each item counts once"),
+    ("10_speech", "lrs", "[0.01, 0.01]", "lrs=[0.01, 0.01] repeats [0.01]"),
     ("10_speech", "threads", "0", "10_speech: threads=0 is out of range: give a value >= 1"),
     ("10_speech", "grad_accum", "0", "grad_accum=0 is out of range"),
 ])

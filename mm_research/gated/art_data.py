@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from ..core import cache_root
 from ..cache import folder_lock
+from ..core import atomic_write
 from ..llava.vqa_data import dataset_ready, read_artquest
 
 # %% auto #0
@@ -128,7 +129,7 @@ def make_art_set(root: str | Path, n_train: int = 120, n_val: int = 60, size: in
         rng = np.random.default_rng(seed)
         for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             _write_art_split(root, split, n, rng, size, sizes)
-        (root/"art_set.json").write_text(json.dumps(settings))
+        atomic_write(root/"art_set.json", json.dumps(settings))   # last and whole: a cut write leaves none
     return root
 
 # %% ../../nbs/gated/01_art_data.ipynb #4be55e21

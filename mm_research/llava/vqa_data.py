@@ -8,7 +8,7 @@ import csv, hashlib, json, re
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
-from ..core import cache_root, offender_summary
+from ..core import atomic_write, cache_root, offender_summary
 from ..cache import folder_lock
 
 # %% auto #0
@@ -23,8 +23,9 @@ __all__ = ['ARTQUEST_COLUMNS', 'SHAPE_COLORS', 'SHAPE_KINDS', 'SHAPE_CELLS', 'CO
 def dataset_ready(root: Path, manifest: str, settings: dict, what: str) -> bool:
     "True when `root` already holds the set made with `settings`; an error when it holds another one."
     path = Path(root)/manifest
-    if not path.exists(): return False
-    if json.loads(path.read_text()) != settings:
+    try: found = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError): return False    # none, or cut short by a full disk: rebuild
+    if found != settings:
         raise ValueError(f"{root} holds {what} made with {path.read_text().strip()}, not {settings}: "
                          "use another folder.")
     return True
@@ -164,7 +165,7 @@ def _make_set(root, what: str, manifest: str, version: int, write_split, n_train
         for split, n, pairs, unique in (("train", n_train, train_pairs, False), ("val", n_val, SHAPE_PAIRS, True),
                                         ("test", n_test, SHAPE_PAIRS, True)):
             write_split(root, split, n, rng, pairs, held, seen, unique)
-        (root/manifest).write_text(json.dumps(spec))  # last: an interrupted folder has none and is rebuilt
+        atomic_write(root/manifest, json.dumps(spec))  # last and whole: an interrupted folder has none, is rebuilt
     return root
 
 # %% ../../nbs/llava/02_vqa_data.ipynb #9a66b73f
