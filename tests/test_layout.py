@@ -62,6 +62,20 @@ def test_imports_point_down_and_not_inside_functions():
     assert not bad, "\n".join(bad)
 
 
+def test_no_import_by_string_outside_the_top():
+    "No module below the top imports a project module by name at run time (importlib): the checks could not see it."
+    bad = []
+    for name, path in modules().items():
+        if concern(name) == "top": continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            fn = getattr(node, "func", None)
+            called = getattr(fn, "attr", getattr(fn, "id", ""))
+            if called in ("import_module", "__import__") and any(
+                    isinstance(a, ast.Constant) and str(a.value).startswith("mm_research") for a in node.args):
+                bad.append(f"{name}: {ast.unparse(node)[:80]}")
+    assert not bad, bad
+
+
 def test_no_import_circle():
     graph = {n: {t for t, _ in imports(n, p)} - {n} for n, p in modules().items()}
     state = {}
@@ -98,15 +112,28 @@ def experiment_code(path: Path) -> ast.Module:
     return ast.parse("\n".join(l for l in code.split("\n") if not l.lstrip().startswith(("%", "!"))))
 
 
-def project_modules(tree: ast.Module) -> set[str]:
-    "The project modules an experiment imports (`from mm_research.pruning import study` counts pruning.study)."
-    found = set()
+def project_modules(tree: ast.Module) -> tuple[set[str], list[str]]:
+    "The project modules an experiment imports, and the names it reaches through a module that does not export them."
+    import importlib
+    found, aliases, hidden = set(), {}, []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mm_research"):
             mod = node.module.removeprefix("mm_research").strip(".")
-            found |= {f"{mod}.{a.name}".strip(".") if f"{mod}.{a.name}".strip(".") in modules() else mod
-                      for a in node.names}
-    return found
+            for a in node.names:
+                full = f"{mod}.{a.name}".strip(".")
+                found.add(full if full in modules() else mod)
+                if full in modules(): aliases[a.asname or a.name] = full
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("mm_research."):
+                    found.add(a.name.removeprefix("mm_research."))
+                    if a.asname: aliases[a.asname] = a.name.removeprefix("mm_research.")
+    for node in ast.walk(tree):      # `study.keep_count` would hide a module: only what a module exports counts
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            mod = aliases[node.value.id]
+            if node.attr not in getattr(importlib.import_module(f"mm_research.{mod}"), "__all__", ()):
+                hidden.append(f"{mod}.{node.attr}")
+    return found, hidden
 
 
 def test_experiments_read_as_methods_sections():
@@ -115,8 +142,10 @@ def test_experiments_read_as_methods_sections():
     bad = []
     for path in EXPERIMENTS:
         tree = experiment_code(path)
-        if len(mods := project_modules(tree)) > MAX_PROJECT_MODULES:
+        mods, hidden = project_modules(tree)
+        if len(mods) > MAX_PROJECT_MODULES:
             bad.append(f"{path.name} imports {len(mods)} project modules: {sorted(mods)}")
+        bad += [f"{path.name} reaches {name}, which its module does not export" for name in sorted(set(hidden))]
         bad += [f"{path.name}: {f.name} has {f.end_lineno - f.lineno + 1} lines" for f in ast.walk(tree)
                 if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                 and f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]

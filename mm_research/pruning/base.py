@@ -10,9 +10,9 @@ from typing import ClassVar, NamedTuple
 
 # %% auto #0
 __all__ = ['APPLY_MODES', 'POSITION_POLICIES', 'SETTINGS', 'keep_count', 'gather_positions', 'Selection', 'topk_selection',
-           'PruningMethod', 'check_method', 'select_tokens', 'parse_setting', 'scatter_selection', 'hard_keep_index',
-           'apply_selection', 'kept_image_slots', 'kept_slots', 'pruned_prompt', 'pruned_logits', 'cls_row_flops',
-           'linear_flops', 'lm_prefill_flops']
+           'PruningMethod', 'check_method', 'check_methods', 'select_tokens', 'parse_setting', 'scatter_selection',
+           'hard_keep_index', 'apply_selection', 'kept_image_slots', 'kept_slots', 'pruned_prompt', 'pruned_logits',
+           'cls_row_flops', 'linear_flops', 'lm_prefill_flops']
 
 # %% ../../nbs/pruning/00_base.ipynb #93277aa5
 import torch
@@ -63,6 +63,10 @@ class PruningMethod:
     own_vision_pass: ClassVar[bool] = False
     compared: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "scored" not in vars(cls) and "scores" not in vars(cls) and "select" in vars(cls): cls.scored = False
+
     @property
     def label(self) -> str: return self.name
 
@@ -92,6 +96,14 @@ def check_method(method) -> PruningMethod:
         raise ValueError(f"{method!r} is no PruningMethod: give a config such as FastV(k=2), or take them from "
                          "mm_research.pruning.harness.experiment_methods.")
     return method
+
+# %% ../../nbs/pruning/00_base.ipynb #df040c25
+def check_methods(methods) -> list[PruningMethod]:
+    "`methods` as a list if each is a PruningMethod config and no two share a label (results are keyed by label)."
+    methods = [check_method(m) for m in methods]
+    if dup := sorted({m.label for m in methods if [x.label for x in methods].count(m.label) > 1}):
+        raise ValueError(f"Methods {dup} appear twice under one label: results are keyed by label, give each once.")
+    return methods
 
 # %% ../../nbs/pruning/00_base.ipynb #443c169b
 def select_tokens(model, batch: dict, method: PruningMethod, keep_ratio: float, vp: VisionPass | None = None,

@@ -21,8 +21,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from ..core import resolve_device
 from ..inspect import get_role
 from ..llava.features import image_token_count
-from .base import (PruningMethod, apply_selection, check_method, keep_count, linear_flops,
-                                      lm_prefill_flops, select_tokens)
+from .base import (PruningMethod, apply_selection, check_method, check_methods, keep_count,
+                                      linear_flops, lm_prefill_flops, select_tokens)
 from ..stats import mean_ci
 
 # %% ../../nbs/pruning/08_cost.ipynb #dce82534
@@ -202,10 +202,9 @@ def method_cost(model, batch: dict, method: PruningMethod | None, keep_ratio: fl
 # %% ../../nbs/pruning/08_cost.ipynb #bd20450e
 def _cases(batches: list[dict], methods, keep_ratios) -> list[tuple]:
     "(batch, method, keep ratio) for every case: the unpruned model (None) once per batch, then each method per ratio."
-    for m in methods: check_method(m)
+    methods = check_methods(methods)
     for r in keep_ratios: keep_count(1, r)
-    others = list(dict.fromkeys(methods))
-    return [(b, m, r) for b in batches for m in (None, *others) for r in ((1.0,) if m is None else keep_ratios)]
+    return [(b, m, r) for b in batches for m in (None, *methods) for r in ((1.0,) if m is None else keep_ratios)]
 
 # %% ../../nbs/pruning/08_cost.ipynb #1b4af635
 def _add_ratios(rows: list[dict], traces: list[list[Trace]]) -> list[dict]:

@@ -24,7 +24,8 @@ from ..llava.features import mode_inputs, position_ids_from_mask, vision_pass
 from ..llava.vqa import answer_tokens, vqa_prompt
 from ..llava.vqa_data import (object_questions, random_objects, random_scene, render_objects, render_scene,
                                         scene_questions)
-from .base import SETTINGS, PruningMethod, keep_count, parse_setting, pruned_prompt, select_tokens
+from .base import (SETTINGS, PruningMethod, check_methods, keep_count, parse_setting, pruned_prompt,
+                                      select_tokens)
 from .baselines import Pool, pool_grid
 from .learned import PROMPT_KEYS
 from ..stats import fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
@@ -126,7 +127,7 @@ def batch_hits(model, batch: dict, types: list, methods: list[PruningMethod], ke
 def sweep_hits(model, data: dict, methods: list[PruningMethod], keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
                candidates: dict | None = None, batch_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
     "Per-sample hits (exact, likelihood) on encoded VQA `data`: 'baseline' and each (setting, method label, ratio)."
-    settings = [s for s in settings if parse_setting(s)]
+    methods, settings = check_methods(methods), [s for s in settings if parse_setting(s)]
     if any(m.cut == "lm" for m in methods) and "hard/original" not in settings:
         raise ValueError("In-LM methods (FastV, SparseVLM) run only in setting 'hard/original': add it to settings.")
     for r in keep_ratios: keep_count(16, r)
@@ -274,6 +275,7 @@ def pooled_image(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def kept_tokens_figure(model, batch: dict, images: np.ndarray, methods: list[PruningMethod], keep_ratio: float = 0.25,
                        questions: list[str] | None = None, seed: int = 0):
     "Figure: for each image (row) and method (column), the patches kept at `keep_ratio`, the rest dimmed."
+    methods = check_methods(methods)
     vp = vision_pass(model, batch["pixel_values"], cls_attention=any(m.needs_cls_attention for m in methods))
     T, g = vp.embeds.shape[1], torch.Generator().manual_seed(seed)
     side, k = math.isqrt(T), keep_count(T, keep_ratio)
@@ -313,7 +315,7 @@ def question_groups(data: dict) -> list[list[int]]:
 def question_relevance(model, data: dict, keep_ratio: float, methods: list[PruningMethod],
                        batch_size: int = 64) -> dict:
     "Per method, the mean Jaccard distance between kept sets of different questions on the same image; pair count."
-    groups = question_groups(data)
+    groups, methods = question_groups(data), check_methods(methods)
     if not groups: raise ValueError("No image in `data` is asked two different questions: build it with "
                                     "shape_relevance_set (or repeat images with different questions).")
     dev, n = next(model.parameters()).device, len(data["input_ids"])

@@ -16,8 +16,8 @@ __all__ = ['fastv_keep_count', 'last_token_attention', 'FastVState', 'check_fast
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 from ..inspect import get_role
-from ..llava.features import (VisionPass, build_inputs_embeds, eager_attention, image_token_count,
-                                        image_token_mask, position_ids_from_mask)
+from ..llava.features import (build_inputs_embeds, eager_attention, image_token_count, image_token_mask,
+                                        position_ids_from_mask)
 from .base import PruningMethod, gather_positions, keep_count, lm_prefill_flops, topk_selection
 
 # %% ../../nbs/pruning/01_fastv.ipynb #a7c6e0c2

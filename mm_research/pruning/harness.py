@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['PRUNERS', 'PRUNER_NAMES', 'register_pruner', 'experiment_methods']
+__all__ = ['PRUNERS', 'PRUNER_NAMES', 'RESERVED', 'register_pruner', 'experiment_methods']
 
 # %% ../../nbs/pruning/05_harness.ipynb #8aa2e297
 from .base import PruningMethod
@@ -20,10 +20,15 @@ from .visionzip import VisionZip
 PRUNERS: dict[str, type[PruningMethod]] = {}
 PRUNER_NAMES = PRUNERS.keys()           # a live view: plug-ins registered later appear in it
 
-def register_pruner(cls: type[PruningMethod]) -> type[PruningMethod]:
+RESERVED = ("all", "none")              # "all": every compared method; "none": the unpruned model in cost tables
+
+def register_pruner(cls: type[PruningMethod], replace: bool = False) -> type[PruningMethod]:
     "Add pruning method class `cls` to the registry under its `name` (a decorator too); returns `cls`."
     if not (isinstance(cls, type) and issubclass(cls, PruningMethod) and cls.name):
         raise ValueError(f"{cls!r} is no PruningMethod subclass with a name: subclass it and set name.")
+    if cls.name in RESERVED: raise ValueError(f"{cls.name!r} is reserved ({', '.join(RESERVED)}): choose another name.")
+    if PRUNERS.get(cls.name, cls) is not cls and not replace:
+        raise ValueError(f"{cls.name!r} is registered already ({PRUNERS[cls.name].__name__}): pass replace=True.")
     PRUNERS[cls.name] = cls
     return cls
 

@@ -85,7 +85,7 @@ def scorer_flops(scorer: TokenScorer, n_image: int, n_tokens: int, batch: int = 
 @dataclass(frozen=True)
 class Learned(PruningMethod):
     "The learned pruner: the top k of a TokenScorer's question-conditioned keep logits, at the LLM's input."
-    scorer: nn.Module | None = field(default=None, compare=False, repr=False)
+    scorer: nn.Module | None = field(default=None, repr=False)     # compared by identity
     name: ClassVar[str] = "learned"
 
     def scores(self, model, batch, vp, generator=None):

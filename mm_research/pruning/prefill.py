@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..inspect import get_role
 from ..llava.features import (VisionPass, build_inputs_embeds, eager_attention, image_token_count,
                                         image_token_mask, position_ids_from_mask, vision_pass)
-from .base import (PruningMethod, apply_selection, keep_count, lm_prefill_flops, select_tokens,
-                                      topk_selection)
+from .base import (PruningMethod, apply_selection, check_methods, keep_count, lm_prefill_flops,
+                                      select_tokens, topk_selection)
 from .fastv import fastv, fastv_prefill_flops
 
 # %% ../../nbs/pruning/07_prefill.ipynb #aaf479a4
@@ -75,7 +75,7 @@ def pruner_overhead(model, batch: dict, methods: list[PruningMethod], keep_ratio
     "Best-of-`reps` seconds per batch of each method's vision pass + scoring + selection (before the prefill)."
     g = torch.Generator().manual_seed(0)
     select = lambda m: select_tokens(model, batch, m, keep_ratio, generator=g)
-    return {m.label: min(wall_times_s(lambda: select(m), reps)) for m in methods}
+    return {m.label: min(wall_times_s(lambda: select(m), reps)) for m in check_methods(methods)}
 
 # %% ../../nbs/pruning/07_prefill.ipynb #252ea5ff
 def speed_figure(rows: list[dict]):

@@ -145,6 +145,9 @@ class SparseVLM(PruningMethod):
     cut: ClassVar[str] = "lm"
     scored: ClassVar[bool] = False
 
+    def __post_init__(self):
+        if self.layers is not None: object.__setattr__(self, "layers", tuple(self.layers))
+
     def cut_layers(self, n_layers: int) -> tuple[int, ...]: return tuple(self.layers or sparsevlm_layers_for(n_layers))
 
     def lm_context(self, model, batch, keep_ratio):

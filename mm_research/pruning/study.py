@@ -6,25 +6,28 @@
 from __future__ import annotations
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # %% auto #0
-__all__ = ['lm_layers', 'check_study', 'answers_by_type', 'study_data', 'study_base', 'study_scorer', 'fastv_cache_tokens',
-           'cost_rows', 'hits_tensors', 'comparison_sentence', 'pruning_conclusion', 'cost_conclusion']
+__all__ = ['lm_layers', 'check_study', 'answers_by_type', 'experiment_plan', 'study_data', 'study_base', 'study_scorer',
+           'run_seed', 'pool_seeds', 'first_rows', 'keep_all_parity', 'fastv_cache_tokens', 'cost_rows', 'hits_tensors',
+           'comparison_sentence', 'pruning_conclusion', 'cost_conclusion']
 
 # %% ../../nbs/pruning/09_study.ipynb #44690630
 import torch
-from ..llava.features import image_token_count, use_eager_vision
+from ..llava.features import image_token_count, mode_logits, use_eager_vision
 from ..llava.tower_pretrain import pruning_base
 from ..llava.vqa import chance_accuracy, encode_vqa, train_vqa_base, vqa_slice
 from ..llava.vqa_data import (SCENE_ANSWERS, VQA_ANSWERS, load_vqa, make_scene_vqa, make_shape_vqa,
                                         scene_vqa_root, shape_vqa_root, split_overlap)
 from .base import SETTINGS, keep_count, parse_setting, pruned_logits
-from .evaluate import METRICS
+from .evaluate import METRICS, hit_rates, seed_rates, sweep_hits
 from .fastv import FastV
+from .harness import experiment_methods
 from .learned import PROMPT_KEYS, TokenScorer, check_keep_ratios, check_objective, train_scorer
 from .sparsevlm import sparsevlm_layers_for
-from ..stats import compare_text, fmt_ci
-from ..zoo import PRESETS, load_config, load_processor, override_config
+from ..stats import compare_text, fmt_ci, mean_ci
+from ..zoo import PRESETS, load_config, override_config
 
 # %% ../../nbs/pruning/09_study.ipynb #e1c7f9f8
 def lm_layers(model: str, config_overrides: dict | None = None) -> int:
@@ -60,6 +63,19 @@ def check_study(cfg) -> tuple[list[int], int]:
 def answers_by_type(scenes: bool) -> dict:
     "The candidate answers per question type of the synthesized VQA: cluttered scenes, or 2x2 shapes."
     return SCENE_ANSWERS if scenes else VQA_ANSWERS
+
+# %% ../../nbs/pruning/09_study.ipynb #cd0cd266
+def experiment_plan(cfg, n_layers: int):
+    "What the experiment runs: its methods (and labels), keep ratios (1.0 always in), settings and SparseVLM's cuts."
+    methods = experiment_methods(cfg.pruner, list(cfg.fastv_ks), cfg.ablations)
+    ratios = [float(r) for r in cfg.keep_ratios]
+    ratios = ratios if 1.0 in ratios else [1.0, *ratios]
+    for r in ratios: keep_count(16, r)                              # a ratio outside (0, 1] stops here
+    headline, main = "hard/original", f"hard/{cfg.position_policy}"
+    settings = list(dict.fromkeys([headline, main, *(SETTINGS if cfg.ablations else ())]))
+    for st in settings: parse_setting(st)
+    return SimpleNamespace(methods=methods, labels=[m.label for m in methods], keep_ratios=ratios, headline=headline,
+                           main=main, settings=settings, sparsevlm_layers=sparsevlm_layers_for(n_layers))
 
 # %% ../../nbs/pruning/09_study.ipynb #8ffb86eb
 def study_data(cfg, seed: int, processor, trains: bool) -> tuple[Path, dict, dict]:
@@ -106,6 +122,44 @@ def study_scorer(cfg, seed: int, base, data: dict, run_dir, device) -> tuple[Tok
     return scorer.to(device), dict(params=sum(p.numel() for p in scorer.parameters()), n_train=n,
                                    train_time_s=time.perf_counter() - t0, best=fit.best, step_time_s=fit.step_time_s,
                                    trained=True)
+
+# %% ../../nbs/pruning/09_study.ipynb #9aebfa93
+def run_seed(cfg, seed: int, processor, plan, candidates: dict, device, run_dir, trains: bool) -> dict:
+    "One seed end to end: its data, base and scorer, every method's hits on its test split, and their rates."
+    root, data, leaks = study_data(cfg, seed, processor, trains)
+    base, base_record = study_base(cfg, seed, data, processor, device)
+    wants_scorer = "learned" in plan.labels
+    scorer, scorer_record = study_scorer(cfg, seed, base, data, run_dir, device) if wants_scorer else (None, None)
+    t0 = time.perf_counter()
+    methods = experiment_methods(cfg.pruner, list(cfg.fastv_ks), cfg.ablations, scorer)
+    hits = sweep_hits(base, data["test"], methods, plan.keep_ratios, plan.settings, candidates, batch_size=64,
+                      seed=seed)
+    return dict(root=str(root), overlap_with_train=leaks, test=data["test"], base=base, scorer=scorer,
+                methods=methods, base_record=base_record, scorer_record=scorer_record, hits=hits,
+                acc=hit_rates(hits), sweep_time_s=time.perf_counter() - t0, chance=chance_accuracy(data["test"]))
+
+# %% ../../nbs/pruning/09_study.ipynb #900e6784
+def pool_seeds(results: dict, keep_ratios) -> SimpleNamespace:
+    "The seeds' results as one: rates over seeds, every seed's hits, the first seed, image tokens, chance, tokens kept."
+    first = next(iter(results.values()))
+    n_tokens = image_token_count(first["base"], first["test"]["input_ids"][:1])
+    return SimpleNamespace(acc=seed_rates([r["acc"] for r in results.values()]),
+                           hits=[r["hits"] for r in results.values()], first=first, n_tokens=n_tokens,
+                           chance=mean_ci([r["chance"] for r in results.values()]),
+                           tokens_kept={str(r): keep_count(n_tokens, r) for r in keep_ratios})
+
+# %% ../../nbs/pruning/09_study.ipynb #54fab305
+def first_rows(split: dict, n: int, device) -> dict:
+    "The first `n` prompts of an encoded split (pixels, ids, mask, answer ids) on `device`."
+    return {k: split[k][:n].to(device) for k in PROMPT_KEYS}
+
+# %% ../../nbs/pruning/09_study.ipynb #727bdf23
+@torch.no_grad()
+def keep_all_parity(model, batch: dict, methods, settings, headline: str) -> dict:
+    "Per method label: whether keep ratio 1.0 gives the model's own logits bit for bit in every setting it runs in."
+    ref = mode_logits(model, batch, "baseline")
+    return {m.label: all(torch.equal(pruned_logits(model, batch, m, 1.0, *parse_setting(st))[0], ref)
+                         for st in ([headline] if m.cut == "lm" else settings)) for m in methods}
 
 # %% ../../nbs/pruning/09_study.ipynb #86d5dd17
 @torch.no_grad()

@@ -13,7 +13,6 @@ __all__ = ['visionzip_split', 'visionzip_merge', 'VisionZipSignals', 'visionzip_
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #ed860612
 import torch
-from torch import nn
 from ..inspect import get_role
 from ..llava.features import (attention_index, cls_query_attention, image_token_count, select_image_features,
                                         tower_layers)
