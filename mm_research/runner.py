@@ -180,6 +180,9 @@ PARAMETER_CHECKS = {
     "keep_ratios": _list_of(lambda x: _is_num(x) and 0 < x <= 1, "numbers in (0, 1]", "[1.0, 0.5, 0.25]"),
     "train_keep_ratio": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
     "scorer_train_share": _in_range(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "equivalence_margin": _in_range(lambda v: 0 < v < 1, "in (0, 1) (accuracy points, fixed before the run)"),
+    "flops_budgets": _list_of(lambda x: _is_num(x) and 0 < x < 1, "shares of the unpruned FLOPs in (0, 1)",
+                              "[0.8, 0.55]", distinct=True),
     "val_fraction": _in_range(lambda v: 0 < v < 1, "in (0, 1)"), "max_train": AT_LEAST_0,
     **dict.fromkeys(("threads", "grad_accum", "lora_rank", "lora_alpha", "repeats", "new_tokens", "max_new_tokens",
                      "speed_reps", "image_size", "style_image_size"), AT_LEAST_1)}

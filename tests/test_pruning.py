@@ -9,9 +9,9 @@ import torch
 from mm_research.inspect import get_role
 from mm_research.llava.features import (image_token_mask, mode_logits, position_ids_from_mask, use_eager_vision,
                                         vision_pass)
-from mm_research.pruning.base import (SETTINGS, apply_selection, keep_count, kept_slots, parse_setting, pruned_logits,
-                                      pruned_prompt, select_tokens, topk_selection)
-from mm_research.pruning.baselines import CLS, KeepAll, Pool, Random, pool_selection
+from mm_research.pruning.base import (SETTINGS, apply_selection, keep_count, kept_slots, method_settings, parse_setting,
+                                      pruned_logits, pruned_prompt, select_tokens, topk_selection)
+from mm_research.pruning.baselines import CLS, KeepAll, Pool, Random, RandomLM, pool_selection
 from mm_research.pruning.evaluate import (answer_hits, compare_pruners, format_accuracy, generated_answers, hit_rates,
                                           pruning_accuracy_figure, seed_rates, sweep_accuracy, sweep_hits)
 from mm_research.pruning.fastv import FastV, FastVInput
@@ -20,7 +20,7 @@ from mm_research.pruning.learned import Learned, ScorerTraining, TokenScorer, tr
 from mm_research.pruning.prefill import counted_flops, lm_prefill_flops
 from mm_research.pruning.sparsevlm import SparseVLM
 from mm_research.pruning.visionzip import VisionZip
-from mm_research.stats import mcnemar, paired_bootstrap
+import scipy.stats
 from mm_research.zoo import build_model, load_config, override_config, tiny_processor
 
 QUESTIONS = ["<image> what color is the circle ?", "<image> how many shapes are there ?",
@@ -44,13 +44,15 @@ def make_batch(proc, n=3, seed=0, questions=QUESTIONS):
 
 def every_method(model, k=1):
     "One config of every registered method for `model` (FastV and its input ablation at layer k, a fresh scorer)."
-    own = {"learned": Learned(TokenScorer.for_model(model)), "fastv": FastV(k), "fastv_input": FastVInput(k)}
-    return [own[n] if n in own else cls() for n, cls in PRUNERS.items()]
+    own = {"learned": Learned(TokenScorer.for_model(model)), "fastv": FastV(k), "fastv_input": FastVInput(k),
+           "random_lm": RandomLM(k)}
+    variants = [FastV(k, reprune=True), VisionZip(authors=False), SparseVLM(recycle=False, budget="final")]
+    return [own[n] if n in own else cls() for n, cls in PRUNERS.items()] + variants
 
 
 def runs_in(method, setting):
-    "Whether the sweep runs `method` in `setting`: in-LM methods only in 'hard/original'."
-    return setting == "hard/original" or method.cut != "lm"
+    "Whether the sweep runs `method` in `setting`: in-LM methods and those with own positions in the headline only."
+    return setting in method_settings(method, SETTINGS)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_keep_all_parity_variants(layer, strategy, eager):
     skip = {"pool", "visionzip"} if strategy == "full" else set()       # 17 tokens: no square grid, CLS kept
     if not isinstance(layer, int): skip.add("visionzip")                # VisionZip merges one feature layer
     for method in [x for x in every_method(m) if x.name not in skip]:
-        for mode in (("hard",) if method.cut == "lm" else ("soft", "hard")):
+        for mode in (("hard",) if method.cut == "lm" or method.positions else ("soft", "hard")):
             lg, _ = pruned_logits(m, b, method, 1.0, mode)
             assert torch.equal(lg, ref), (layer, strategy, eager, method.label, mode)
 
@@ -180,14 +182,19 @@ def test_sweep_keep_all_row_is_baseline(model_batch):
     toks, mask = answer_tokens(proc.tokenizer, ["red", "two", "top left"])
     data = dict(b, answer_ids=toks[:, 0], answer_tokens=toks, answer_mask=mask, types=["color", "count", "corner"])
     methods = experiment_methods("all", fastv_ks=(1,), scorer=TokenScorer.for_model(m))
-    labels = ["learned", "fastv_k1", "visionzip", "sparsevlm", "cls", "random", "pool"]
+    labels = ["learned", "fastv_k1", "fastv_k1_reprune", "visionzip", "sparsevlm", "cls", "random", "pool",
+              "random_lm_k1"]
     assert [x.label for x in methods] == labels
-    acc = sweep_accuracy(m, data, methods, keep_ratios=(1.0, 0.5), batch_size=2)
+    ratios = {x.label: [1.0] if x.name == "sparsevlm" else [1.0, 0.5] for x in methods}   # 0.5: out of its reach
+    with pytest.raises(ValueError, match="use keep_ratio >= "):
+        sweep_accuracy(m, data, methods, keep_ratios=(1.0, 0.5), batch_size=2)
+    acc = sweep_accuracy(m, data, methods, keep_ratios=ratios, batch_size=2)
     for st in SETTINGS:
         for x in [x for x in methods if runs_in(x, st)]:
             assert acc[st][x.label]["1.0"] == {k: acc["baseline"][k] for k in ("exact", "likelihood")}
         assert set(acc[st]) == {x.label for x in methods if runs_in(x, st)}
-    assert set(acc["soft"]) == set(labels) - {"fastv_k1", "sparsevlm"}
+    assert set(acc["soft"]) == set(labels) - {"fastv_k1", "fastv_k1_reprune", "sparsevlm", "random_lm_k1", "visionzip"}
+    assert set(acc["hard/original"]["sparsevlm"]) == {"1.0"} and "0.5" in acc["hard/original"]["fastv_k1_reprune"]
     hits = sweep_hits(m, data, [KeepAll()], (1.0, 0.25, 0.11), batch_size=2)
     assert all(torch.equal(a, b) for k in hits for a, b in zip(hits[k], hits["baseline"]))
 
@@ -238,13 +245,16 @@ def test_compare_pruners_is_paired_over_seeds_and_items():
                                 "random": learned.tolist()}))
     rows = {r["other"]: r for r in compare_pruners(seeds, "hard/original", "learned", ("cls", "random"), n_boot=500)}
     assert rows["cls"]["verdict"] == "beats" and rows["cls"]["lo"] > 0 and rows["cls"]["seeds"] == 3
-    assert rows["random"]["verdict"] == "no difference measured" and rows["random"]["diff"] == 0
-    a = torch.cat([s["hard/original", "learned", 0.5][0] for s in seeds])
-    b = torch.cat([s["hard/original", "cls", 0.5][0] for s in seeds])
-    groups = np.repeat([0, 1, 2], 200)
-    expected = paired_bootstrap(a, b, groups, n_boot=500)
-    assert {k: rows["cls"][k] for k in expected} == expected
-    assert rows["cls"]["mcnemar_p"] == mcnemar(a, b)["p"] and rows["cls"]["n"] == 600
+    assert rows["random"]["verdict"] == "inconclusive" and rows["random"]["diff"] == 0   # no margin: never "same"
+    a = torch.cat([s["hard/original", "learned", 0.5][0] for s in seeds]).float().numpy()
+    b = torch.cat([s["hard/original", "cls", 0.5][0] for s in seeds]).float().numpy()
+    d = [(a - b)[i * 200:(i + 1) * 200].mean() for i in range(3)]           # by hand: one difference per seed
+    t = scipy.stats.ttest_1samp(d, 0)
+    assert np.allclose(rows["cls"]["per_seed"], d) and np.isclose(rows["cls"]["p"], t.pvalue)
+    ci = t.confidence_interval(0.95)
+    assert np.isclose(rows["cls"]["lo"], ci.low) and np.isclose(rows["cls"]["hi"], ci.high)
+    assert np.isclose(rows["cls"]["p_holm"], min(1, 2 * min(rows["cls"]["p"], rows["random"]["p"])))
+    assert rows["cls"]["n"] == 600
 
 
 def test_seed_rates_tables_and_figure():
@@ -287,7 +297,7 @@ def test_in_llm_pruners_at_batch_two_through_the_scoring_path(deep_batch):
     m, data = deep_batch
     base = answer_hits(m, pruned_prompt(m, data, KeepAll(), 1.0)[0], data, data["types"], {})
     with torch.no_grad(): ref = m(**pruned_prompt(m, data, FastV(), 1.0)[0]).logits
-    for p in (FastV(), FastV(3), SparseVLM()):
+    for p in (FastV(), FastV(3), SparseVLM(recycle=False, budget="final"), RandomLM()):
         inputs, ctx = pruned_prompt(m, data, p, 1.0)
         with torch.no_grad(), ctx: assert torch.equal(m(**inputs).logits, ref), p        # keep 1.0: R = 0, exact
         inputs, ctx = pruned_prompt(m, data, p, 1.0)
@@ -313,6 +323,6 @@ def test_fastv_cache_and_keep_sets_through_pruned_prompt(deep_batch):
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 8]
     sel = select_tokens(m, data, FastV(), 0.5)            # FastV's keep set = the top 8 of its layer-2 signal
     assert torch.equal(sel.slots, kept_slots(st))
-    inputs, ctx = pruned_prompt(m, data, SparseVLM(layers=(2, 3)), 0.25)   # after 2 (to 8), 3 (to 4)
+    inputs, ctx = pruned_prompt(m, data, SparseVLM(layers=(2, 3), recycle=False, budget="final"), 0.25)   # 8, then 4
     with torch.no_grad(), ctx as st: out = m(**inputs, use_cache=True)
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [L, L, L - 8, L - 12]

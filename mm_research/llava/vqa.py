@@ -11,8 +11,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['VQA_SPLITS', 'vqa_prompt', 'answer_tokens', 'encode_vqa', 'vqa_slice', 'vqa_training_batch', 'vqa_loader',
            'normalize_answer', 'with_answers', 'answer_scores', 'candidate_tokens', 'candidate_picks',
-           'vqa_predictions', 'vqa_accuracy', 'chance_accuracy', 'answer_accuracy', 'base_model', 'tensor_fingerprint',
-           'weights_fingerprint', 'vqa_loss', 'train_vqa_base', 'majority_hits', 'exact_hits', 'vqa_data_for_seed',
+           'vqa_predictions', 'vqa_accuracy', 'majority_hits', 'chance_accuracy', 'answer_accuracy', 'base_model',
+           'tensor_fingerprint', 'weights_fingerprint', 'vqa_loss', 'train_vqa_base', 'exact_hits', 'vqa_data_for_seed',
            'feature_variant', 'parity_checks', 'parity_holds', 'feature_path_predictions', 'embedding_gaps',
            'prediction_scores', 'measure_feature_paths', 'cls_features_refused', 'best_time', 'two_tower_calls',
            'held_out_hits', 'mean_gap', 'feature_path_table']
@@ -24,7 +24,7 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 from ..core import accuracy, resolve_device
-from ..stats import fmt_ci
+from ..stats import fmt_ci, verdict
 from ..inspect import get_role
 from .features import (EVAL_MODES, build_inputs_embeds, encode_images, image_token_count,
                                         mode_generate, mode_inputs, parity_report, position_ids_from_mask,
@@ -206,11 +206,18 @@ def vqa_accuracy(preds: dict, data: dict) -> dict:
             **accuracy(hits("picked"), data["types"], "likelihood"), "n": len(data["answers"])}
 
 # %% ../../nbs/llava/03_vqa.ipynb #baa2a9a0
-def chance_accuracy(data: dict) -> float:
-    "Accuracy of always answering the most frequent answer of each question type (from the data's own answers)."
-    by_type = {}
-    for a, t in zip(data["answers"], data["types"]): by_type.setdefault(t, Counter())[a] += 1
-    return sum(c.most_common(1)[0][1] for c in by_type.values()) / len(data["answers"])
+def majority_hits(data: dict, train: dict | None = None) -> list[bool]:
+    "Per question of `data`: is its type's most frequent answer in `train` (else `data`'s own) the answer."
+    learned = data if train is None else train
+    counts = {}
+    for a, t in zip(learned["answers"], learned["types"]): counts.setdefault(t, Counter())[a] += 1
+    top = {t: c.most_common(1)[0][0] for t, c in counts.items()}
+    return [a == top.get(t) for a, t in zip(data["answers"], data["types"])]
+
+# %% ../../nbs/llava/03_vqa.ipynb #7851f534
+def chance_accuracy(data: dict, train: dict | None = None) -> float:
+    "Accuracy on `data` of each question type's most frequent `train` answer (`majority_hits`; no `train`: an oracle)."
+    return float(np.mean(majority_hits(data, train))) if data["answers"] else 0.0
 
 # %% ../../nbs/llava/03_vqa.ipynb #313bb9e6
 @torch.no_grad()
@@ -314,14 +321,6 @@ def train_vqa_base(model_name: str, train: dict, val: dict, processor, *, config
     folder, record = cached_training("llava_vqa_base", spec, fit_into, cache_dir)
     return load_model(folder, device=device, dtype="fp32").eval(), record
 
-# %% ../../nbs/llava/03_vqa.ipynb #1810f950
-def majority_hits(data: dict) -> list[bool]:
-    "Per question: is the most frequent answer of its type the answer (the chance predictor's hits)."
-    counts = {}
-    for a, t in zip(data["answers"], data["types"]): counts.setdefault(t, Counter())[a] += 1
-    top = {t: c.most_common(1)[0][0] for t, c in counts.items()}
-    return [a == top[t] for a, t in zip(data["answers"], data["types"])]
-
 # %% ../../nbs/llava/03_vqa.ipynb #996e990b
 def exact_hits(preds: dict, data: dict) -> list[bool]:
     "Per question: is the generated answer (normalised) the normalised answer."
@@ -331,9 +330,9 @@ def exact_hits(preds: dict, data: dict) -> list[bool]:
 VQA_SPLITS = ("train", "val", "test")
 
 def vqa_data_for_seed(seed: int, processor, n_train: int, n_val: int, n_test: int, data_dir: str | Path | None = None,
-                      test_only: bool = False) -> tuple[Path, dict, dict, dict]:
+                      eval_only: bool = False) -> tuple[Path, dict, dict, dict]:
     "Folder, rows, encodings and overlaps of the splits of `seed`'s shape-VQA set (or of `data_dir`, read only)."
-    if data_dir: root, splits = Path(data_dir), (("test",) if test_only else VQA_SPLITS)
+    if data_dir: root, splits = Path(data_dir), (("train", "test") if eval_only else VQA_SPLITS)
     else:
         root = make_shape_vqa(shape_vqa_root(n_train, n_test, seed, n_val=n_val), n_train, n_test, seed, n_val=n_val)
         splits = VQA_SPLITS
@@ -388,21 +387,24 @@ def embedding_gaps(model, pixel_values: torch.Tensor, embeds_fns: dict) -> tuple
     return gaps, good
 
 # %% ../../nbs/llava/03_vqa.ipynb #f2dbdffc
-def prediction_scores(preds: dict, test: dict) -> dict:
-    "Accuracies and exact-match hits of each entry of `preds`, chance's hits and accuracy, and the modes' agreement."
+def prediction_scores(preds: dict, test: dict, train: dict | None = None) -> dict:
+    "Accuracies and hits of each entry of `preds`, chance's (learned on `train`) hits and accuracy, modes' agreement."
+    if train is None: raise ValueError("prediction_scores needs train=: the training split chance learns from.")
     return dict(acc={n: vqa_accuracy(p, test) for n, p in preds.items()},
-                hits={n: exact_hits(p, test) for n, p in preds.items()}, chance_hits=majority_hits(test),
-                chance=chance_accuracy(test), same_answers=all(preds[m] == preds["baseline"] for m in EVAL_MODES))
+                hits={n: exact_hits(p, test) for n, p in preds.items()}, chance_hits=majority_hits(test, train),
+                chance=chance_accuracy(test, train),
+                same_answers=all(preds[m] == preds["baseline"] for m in EVAL_MODES))
 
 # %% ../../nbs/llava/03_vqa.ipynb #6d20b061
 def measure_feature_paths(model, test: dict, rows: list[dict], processor, embeds_fns: dict, seed: int, *,
-                          batch_size: int = 64, max_new_tokens: int = 8, n_look: int = 64, device="cpu",
-                          dtype=torch.float32) -> dict:
-    "Predictions, hits and accuracies of the modes and `embeds_fns` on `test`, their embedding gaps, and mode parity."
+                          train: dict | None = None, batch_size: int = 64, max_new_tokens: int = 8, n_look: int = 64,
+                          device="cpu", dtype=torch.float32) -> dict:
+    "Predictions and hits of the modes and `embeds_fns` on `test` (chance from `train`), embedding gaps, mode parity."
+    if train is None: raise ValueError("measure_feature_paths needs train=: the training split chance learns from.")
     preds = feature_path_predictions(model, test, processor, embeds_fns, batch_size, max_new_tokens)
     gaps, good = embedding_gaps(model, test["pixel_values"][:n_look].to(device, dtype), embeds_fns)
     parity = parity_checks(model, test, rows, seed, device, dtype)
-    return dict(preds=preds, **prediction_scores(preds, test), parity=parity, parity_ok=parity_holds(parity),
+    return dict(preds=preds, **prediction_scores(preds, test, train), parity=parity, parity_ok=parity_holds(parity),
                 gaps=gaps, embed_mean_abs=good.abs().mean().item())
 
 # %% ../../nbs/llava/03_vqa.ipynb #b08ea3f7
@@ -455,7 +457,7 @@ def mean_gap(results: dict, seeds, name: str, stat: str) -> float:
 
 # %% ../../nbs/llava/03_vqa.ipynb #08d2a27e
 def feature_path_table(results: dict, seeds, ci: dict, paired: dict, embeds_fns) -> list[dict]:
-    "Rows of the four modes, each of `embeds_fns` and chance: exact match, likelihood, gaps, paired test, per type."
+    "Rows of the modes, each of `embeds_fns` and chance: exact match, likelihood, gaps, test vs baseline, per type."
     first = results[seeds[0]]
     types = sorted(k.removeprefix("exact_") for k in first["acc"]["baseline"] if k.startswith("exact_"))
     mean_over = lambda f: float(np.mean([f(results[s]) for s in seeds]))
@@ -468,9 +470,9 @@ def feature_path_table(results: dict, seeds, ci: dict, paired: dict, embeds_fns)
             row.update(likelihood=mean_over(lambda r: r["acc"][key]["likelihood"]), max_abs_diff=gap(key, "max"),
                        mean_abs_diff=gap(key, "mean"))
         if key in paired:
-            b = paired[key]["bootstrap"]
+            b = paired[key]
             row.update(vs_baseline=f"{b['diff']:+.3f} [{b['lo']:+.3f}, {b['hi']:+.3f}]",
-                       mcnemar_p=paired[key]["mcnemar"]["p"])
+                       p_holm=b.get("p_holm", b["p"]), verdict=verdict(b))
         if key != "chance": row.update({f"exact {t}": mean_over(lambda r: r["acc"][key][f"exact_{t}"]) for t in types})
         table.append(row)
     return table

@@ -10,9 +10,9 @@ from typing import ClassVar, NamedTuple
 
 # %% auto #0
 __all__ = ['APPLY_MODES', 'POSITION_POLICIES', 'SETTINGS', 'keep_count', 'gather_positions', 'Selection', 'topk_selection',
-           'PruningMethod', 'check_method', 'check_methods', 'select_tokens', 'parse_setting', 'scatter_selection',
-           'hard_keep_index', 'apply_selection', 'kept_image_slots', 'kept_slots', 'pruned_prompt', 'pruned_logits',
-           'cls_row_flops', 'linear_flops', 'lm_prefill_flops']
+           'PruningMethod', 'check_method', 'check_methods', 'select_tokens', 'parse_setting', 'method_settings',
+           'ratios_for', 'scatter_selection', 'hard_keep_index', 'apply_selection', 'kept_image_slots', 'kept_slots',
+           'pruned_prompt', 'pruned_logits', 'cls_row_flops', 'linear_flops', 'lm_prefill_flops']
 
 # %% ../../nbs/pruning/00_base.ipynb #93277aa5
 import torch
@@ -39,10 +39,12 @@ def gather_positions(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tens
 
 # %% ../../nbs/pruning/00_base.ipynb #f5b051fa
 class Selection(NamedTuple):
-    "Kept image embeddings `(B, k, D)`, the image slots they occupy `(B, k)` ascending, and the scores `(B, T)`."
+    "Kept image embeddings `(B, k, D)`, the image slots they occupy `(B, k)` ascending, the scores `(B, T)`, sources."
     embeds: torch.Tensor
     slots: torch.Tensor
     scores: torch.Tensor
+    sources: torch.Tensor | None = None     # the patch each embedding stands for (-1: CLS); None: its slot
+
 
 # %% ../../nbs/pruning/00_base.ipynb #6de86c90
 def topk_selection(embeds: torch.Tensor, scores: torch.Tensor, k: int) -> Selection:
@@ -70,6 +72,14 @@ class PruningMethod:
     @property
     def label(self) -> str: return self.name
 
+    @property
+    def uses_cache(self) -> bool: return True        # False: every forward runs without a KV cache (re-pruning)
+
+    @property
+    def positions(self) -> str | None: return None   # a position policy the method fixes, else the setting's
+
+    def reachable(self, n_image: int, keep_ratio: float, n_layers: int) -> bool: return True   # this ratio possible?
+
     def scores(self, model, batch: dict, vp: VisionPass, generator=None) -> torch.Tensor:
         raise ValueError(f"{self.label!r} has no scores to take the top k of: its keep set comes from select.")
 
@@ -77,7 +87,7 @@ class PruningMethod:
         k = keep_count(vp.embeds.shape[1], keep_ratio)
         return topk_selection(vp.embeds, self.scores(model, batch, vp, generator) if scores is None else scores, k)
 
-    def lm_context(self, model, batch: dict, keep_ratio: float):
+    def lm_context(self, model, batch: dict, keep_ratio: float, generator=None):
         raise ValueError(f"{self.label!r} prunes at the LLM's input: use select_tokens.")
 
     def layer_tokens(self, n_tokens: int, n_image: int, keep_ratio: float, n_layers: int) -> list[int]:
@@ -124,6 +134,19 @@ def parse_setting(setting: str) -> tuple[str, str]:
     if mode not in APPLY_MODES or (policy or "original") not in POSITION_POLICIES or (mode == "soft" and policy):
         raise ValueError(f"Unknown setting {setting!r}: use one of {SETTINGS}.")
     return mode, policy or "original"
+
+# %% ../../nbs/pruning/00_base.ipynb #2bee2c60
+def method_settings(method: PruningMethod, settings, headline: str = "hard/original") -> list[str]:
+    "The settings of `settings` that `method` runs in: all for an input-level pruner, the headline for the others."
+    free = method.cut == "input" and method.positions is None
+    return [s for s in settings if free or s == headline]
+
+
+# %% ../../nbs/pruning/00_base.ipynb #27c85097
+def ratios_for(keep_ratios, method: PruningMethod) -> list[float]:
+    "The keep ratios `method` runs at: `keep_ratios` itself, or its entry when it maps method labels to ratios."
+    return list(keep_ratios.get(method.label, ()) if isinstance(keep_ratios, dict) else keep_ratios)
+
 
 # %% ../../nbs/pruning/00_base.ipynb #e69121e3
 def scatter_selection(sel: Selection, n_tokens: int) -> torch.Tensor:
@@ -186,9 +209,13 @@ def pruned_prompt(model, batch: dict, method: PruningMethod, keep_ratio: float, 
         am = batch["attention_mask"]
         inputs = dict(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=am,
                       position_ids=position_ids_from_mask(am))
-        return inputs, method.lm_context(model, batch, keep_ratio)
+        return inputs, method.lm_context(model, batch, keep_ratio, generator)
+    if method.positions is not None and mode != "hard":
+        raise ValueError(f"{method.label!r} feeds its tokens hard with {method.positions} positions: "
+                         "use setting 'hard/original' (the method's own positions apply).")
     sel = select_tokens(model, batch, method, keep_ratio, vp, scores, generator)
-    return apply_selection(model, batch, sel, mode, position_policy), contextlib.nullcontext(sel)
+    policy = method.positions or position_policy
+    return apply_selection(model, batch, sel, mode, policy), contextlib.nullcontext(sel)
 
 # %% ../../nbs/pruning/00_base.ipynb #fd26a5b0
 @torch.no_grad()

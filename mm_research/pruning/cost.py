@@ -21,8 +21,8 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 from ..core import resolve_device
 from ..inspect import get_role
 from ..llava.features import image_token_count
-from .base import (PruningMethod, apply_selection, check_method, check_methods, keep_count,
-                                      linear_flops, lm_prefill_flops, select_tokens)
+from .base import (apply_selection, check_method, check_methods, keep_count, linear_flops,
+                                      lm_prefill_flops, PruningMethod, ratios_for, select_tokens)
 from ..stats import mean_ci
 
 # %% ../../nbs/pruning/08_cost.ipynb #dce82534
@@ -93,7 +93,7 @@ class StepClock(LogitsProcessor):
 def method_inputs(model, batch: dict, method: PruningMethod | None, keep_ratio: float, generator=None):
     "`generate` kwargs and the context to run them in, for `method` at `keep_ratio` (its vision and scoring done)."
     if method is None: return batch, contextlib.nullcontext()
-    if check_method(method).cut == "lm": return batch, method.lm_context(model, batch, keep_ratio)
+    if check_method(method).cut == "lm": return batch, method.lm_context(model, batch, keep_ratio, generator)
     sel = select_tokens(model, batch, method, keep_ratio, generator=generator)
     return apply_selection(model, batch, sel, "hard", "original"), contextlib.nullcontext()
 
@@ -116,14 +116,17 @@ def run_once(model, batch: dict, method: PruningMethod | None, keep_ratio: float
         raise ValueError(f"new_tokens must be an int >= 2 (the first token and a decode step), got {new_tokens!r}.")
     dev = next(model.parameters()).device
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    cache = DynamicCache(config=model.config.text_config)
+    cached = method is None or method.uses_cache        # False: every step a full forward, re-pruned, no cache
+    cache = DynamicCache(config=model.config.text_config) if cached else None
     clock = StepClock(cache, sync)
+    if not cached: clock.kv_bytes, clock.kv_tokens = 0, [0] * model.config.text_config.num_hidden_layers
     sync()
     t0 = time.perf_counter()
     inputs, ctx = method_inputs(model, batch, method, keep_ratio, generator)
     with ctx:
-        out = model.generate(**inputs, past_key_values=cache, logits_processor=LogitsProcessorList([clock]),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(**inputs, past_key_values=cache, use_cache=cached,
+                             logits_processor=LogitsProcessorList([clock]), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False,
                              pad_token_id=model.config.text_config.pad_token_id)
     sync()
     t1, s = time.perf_counter(), clock.stamps
@@ -161,7 +164,10 @@ def path_flops(model, batch: dict, method: PruningMethod | None, keep_ratio: flo
     scoring = scoring_flops(model, method, keep_ratio, tokens, n, T, B)
     layer, head = (lambda x: lm_prefill_flops(tc, x, B, logits_tokens=0) // L), lm_prefill_flops(tc, 0, B)
     prefill = sum(layer(x) for x in tokens) + head
-    decode = sum(layer(1) + 4 * x * d_q * B for x in tokens) + head
+    if method is None or method.uses_cache: decode = sum(layer(1) + 4 * x * d_q * B for x in tokens) + head
+    else:      # no cache: the step is a whole forward of the prompt and the first new token, scored again
+        grown = layer_tokens(method, n + 1, T, keep_ratio, L)
+        decode = sum(layer(x) for x in grown) + head + scoring_flops(model, method, keep_ratio, grown, n + 1, T, B)
     return dict(vision=vision, scoring=scoring, prefill=prefill, total=vision + scoring + prefill, decode_step=decode)
 
 # %% ../../nbs/pruning/08_cost.ipynb #7da471f7
@@ -200,11 +206,15 @@ def method_cost(model, batch: dict, method: PruningMethod | None, keep_ratio: fl
                 **summarize(traces))
 
 # %% ../../nbs/pruning/08_cost.ipynb #bd20450e
-def _cases(batches: list[dict], methods, keep_ratios) -> list[tuple]:
-    "(batch, method, keep ratio) for every case: the unpruned model (None) once per batch, then each method per ratio."
-    methods = check_methods(methods)
-    for r in keep_ratios: keep_count(1, r)
-    return [(b, m, r) for b in batches for m in (None, *methods) for r in ((1.0,) if m is None else keep_ratios)]
+def _cases(model, batches: list[dict], methods, keep_ratios) -> list[tuple]:
+    "(batch, method, keep ratio) per case: the unpruned model once per batch, each method at the ratios it reaches."
+    methods, L = check_methods(methods), model.config.text_config.num_hidden_layers
+    for m in methods:
+        for r in ratios_for(keep_ratios, m): keep_count(1, r)
+    reach = lambda b, m, r: m.reachable(image_token_count(model, b["input_ids"]), r, L)
+    return [(b, m, r) for b in batches for m in (None, *methods)
+            for r in ((1.0,) if m is None else [r for r in ratios_for(keep_ratios, m) if reach(b, m, r)])]
+
 
 # %% ../../nbs/pruning/08_cost.ipynb #1b4af635
 def _add_ratios(rows: list[dict], traces: list[list[Trace]]) -> list[dict]:
@@ -225,7 +235,7 @@ def _add_ratios(rows: list[dict], traces: list[list[Trace]]) -> list[dict]:
 def cost_table(model, batches: list[dict], methods: list[PruningMethod], keep_ratios=KEEP_RATIOS, new_tokens: int = 8,
                reps: int = 5, warmup: int = 1, seed: int = 0, progress: bool = True) -> list[dict]:
     "`method_cost` rows over batches x (none + methods) x keep ratios, interleaved per repeat, with ratios to `none`."
-    cases = _cases([batch_to(model, b) for b in batches], methods, keep_ratios)
+    cases = _cases(model, [batch_to(model, b) for b in batches], methods, keep_ratios)
     g, traces = torch.Generator().manual_seed(seed), [[] for _ in cases]
     with tqdm(total=(warmup + reps) * len(cases), desc="e2e cost", disable=not progress) as bar:
         for rep in range(warmup + reps):

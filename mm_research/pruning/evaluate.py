@@ -7,11 +7,12 @@ from __future__ import annotations
 import contextlib, copy, itertools, math
 
 # %% auto #0
-__all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'continue_kwargs', 'next_logits', 'cached_picks', 'answer_hits',
-           'generated_answers', 'batch_hits', 'sweep_hits', 'hit_rates', 'sweep_accuracy', 'seed_rates',
-           'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits', 'compare_pruners',
-           'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image', 'pooled_image', 'kept_tokens_figure',
-           'jaccard_distance', 'question_groups', 'question_relevance', 'shape_relevance_set', 'scene_relevance_set']
+__all__ = ['METRICS', 'ANSWER_KEYS', 'candidate_ids', 'continue_kwargs', 'next_logits', 'extended_prompt', 'uncached_logits',
+           'candidate_picks', 'answer_hits', 'generated_answers', 'batch_hits', 'sweep_hits', 'hit_rates',
+           'sweep_accuracy', 'seed_rates', 'retained_table', 'accuracy_rows', 'format_accuracy', 'pooled_hits',
+           'paired_rows', 'compare_pruners', 'pruning_accuracy_figure', 'images_from_pixels', 'kept_patches_image',
+           'pooled_image', 'kept_tokens_figure', 'jaccard_distance', 'question_groups', 'question_relevance',
+           'shape_relevance_set', 'scene_relevance_set']
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #88b4f9db
 import matplotlib.pyplot as plt
@@ -20,15 +21,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ..core import accuracy, render_table
-from ..llava.features import mode_inputs, position_ids_from_mask, vision_pass
+from ..llava.features import image_token_count, mode_inputs, position_ids_from_mask, vision_pass
 from ..llava.vqa import answer_tokens, vqa_prompt
 from ..llava.vqa_data import (object_questions, random_objects, random_scene, render_objects, render_scene,
                                         scene_questions)
-from .base import (SETTINGS, PruningMethod, check_methods, keep_count, parse_setting, pruned_prompt,
+from .base import (SETTINGS, PruningMethod, check_methods, keep_count, method_settings,
+                                      parse_setting, pruned_prompt, ratios_for,
                                       select_tokens)
 from .baselines import Pool, pool_grid
 from .learned import PROMPT_KEYS
-from ..stats import fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
+from ..stats import correct_family, fmt_ci, mean_ci, paired_test, verdict
 from ..llava.vqa import candidate_tokens
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #3ec40568
@@ -57,10 +59,32 @@ def next_logits(model, inputs: dict, cache, first: torch.Tensor, tokens: torch.T
     rest = model(**continue_kwargs(inputs, tokens[:, :-1]), past_key_values=copy.deepcopy(cache)).logits.float()
     return torch.cat([first[:, None], rest], 1)
 
+# %% ../../nbs/pruning/06_evaluate.ipynb #d2630ea1
+def extended_prompt(model, inputs: dict, tokens: torch.Tensor) -> dict:
+    "Prompt kwargs `inputs` with `tokens` `(B, j)` appended (as ids, or embedded), mask and positions grown."
+    if tokens.shape[1] == 0: return inputs
+    grown = continue_kwargs(inputs, tokens)
+    out = dict(inputs, attention_mask=grown["attention_mask"],
+               position_ids=torch.cat([inputs["position_ids"], grown["position_ids"]], 1))
+    if "inputs_embeds" in inputs:
+        out["inputs_embeds"] = torch.cat([inputs["inputs_embeds"], model.get_input_embeddings()(tokens)], 1)
+    else: out["input_ids"] = torch.cat([inputs["input_ids"], tokens], 1)
+    return out
+
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #6113065d
+@torch.no_grad()
+def uncached_logits(model, inputs: dict, first: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    "Logits `(B, A, V)` predicting each of `tokens` after the prompt: `first`, then full forwards without a cache."
+    rest = [model(**extended_prompt(model, inputs, tokens[:, :j]), use_cache=False, logits_to_keep=1).logits[:, -1]
+            for j in range(1, tokens.shape[1])]
+    return torch.stack([first, *(r.float() for r in rest)], 1)
+
+
 # %% ../../nbs/pruning/06_evaluate.ipynb #b479decd
 @torch.no_grad()
-def cached_picks(model, inputs: dict, cache, first: torch.Tensor, types: list, candidates: dict) -> list[int]:
-    "Per row, the index of its type's likeliest candidate after the cached prompt (-1 for a type without candidates)."
+def candidate_picks(logits_of, first: torch.Tensor, types: list, candidates: dict) -> list[int]:
+    "Per row, the index of its type's likeliest candidate (`logits_of(tokens)` scores them; -1: no candidates)."
     picks = [-1] * len(types)
     for t, (tokens, mask) in candidates.items():
         rows = torch.tensor([i for i, ty in enumerate(types) if ty == t], dtype=torch.long, device=first.device)
@@ -69,39 +93,44 @@ def cached_picks(model, inputs: dict, cache, first: torch.Tensor, types: list, c
         if (mask.sum(1) == 2).all(): scores = first[rows][:, tokens[:, 0]]
         else:
             B = len(types)
-            lp = [next_logits(model, inputs, cache, first, tokens[c].expand(B, -1)).log_softmax(-1)
+            lp = [logits_of(tokens[c].expand(B, -1)).log_softmax(-1)
                   .gather(-1, tokens[c].expand(B, -1)[..., None])[..., 0] for c in range(len(tokens))]
             scores = torch.stack([(x * mask[c]).sum(1) for c, x in enumerate(lp)], 1)[rows]
         for r, k in zip(rows.tolist(), scores.argmax(1).tolist()): picks[r] = k
     return picks
 
+
 # %% ../../nbs/pruning/06_evaluate.ipynb #52006a16
 @torch.no_grad()
-def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict,
-                context=None) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_hits(model, inputs: dict, batch: dict, types: list, candidates: dict, context=None,
+                cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     "Hits `(B,)` of prompt kwargs `inputs` run in `context`: exact (greedy gives the answer), likelihood (likeliest)."
     lab, mask = batch["answer_tokens"], batch["answer_mask"]
     pos = inputs.get("position_ids")
     inputs = dict(inputs, position_ids=position_ids_from_mask(inputs["attention_mask"]) if pos is None else pos)
     with context or contextlib.nullcontext():
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, use_cache=cache, logits_to_keep=1)
         first = out.logits[:, -1].float()
-        logits = next_logits(model, inputs, out.past_key_values, first, lab)
-        picks = cached_picks(model, inputs, out.past_key_values, first, types, candidates)
+        logits_of = ((lambda t: next_logits(model, inputs, out.past_key_values, first, t)) if cache else
+                     (lambda t: uncached_logits(model, inputs, first, t)))
+        logits, picks = logits_of(lab), candidate_picks(logits_of, first, types, candidates)
     exact = ((logits.argmax(-1) == lab) | (mask == 0)).all(1).cpu()
     answer = lambda i: lab[i][mask[i] == 1].tolist()
     pick = lambda t, k: candidates[t][0][k][candidates[t][1][k] == 1].tolist()
     like = [bool(exact[i]) if k < 0 else pick(t, k) == answer(i) for i, (t, k) in enumerate(zip(types, picks))]
     return exact, torch.tensor(like)
 
+
 # %% ../../nbs/pruning/06_evaluate.ipynb #37ca9509
 @torch.no_grad()
-def generated_answers(model, inputs: dict, context=None, max_new_tokens: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    "Greedy new tokens of prompt kwargs `inputs` in `context`, as (answer tokens, mask up to the first eos)."
+def generated_answers(model, inputs: dict, context=None, max_new_tokens: int = 3,
+                      cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    "Greedy new tokens of prompt kwargs `inputs` in `context` (with a KV cache or not), as (answer tokens, eos mask)."
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     with context or contextlib.nullcontext():
-        seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos)
+        seq = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos,
+                             use_cache=cache)
     new = seq[:, -max_new_tokens:] if "input_ids" in inputs else seq
     new = F.pad(new, (0, max_new_tokens - new.shape[1]), value=eos)
     after = (new == eos).long().cumsum(1) - (new == eos).long()     # eos tokens seen before each position
@@ -116,21 +145,26 @@ def batch_hits(model, batch: dict, types: list, methods: list[PruningMethod], ke
     out = {"baseline": answer_hits(model, mode_inputs(model, batch, "baseline"), batch, types, candidates)}
     vp = vision_pass(model, batch["pixel_values"], cls_attention=any(m.needs_cls_attention for m in methods))
     scores = {m.label: m.scores(model, batch, vp, generator) for m in methods if m.scored}
-    for m, r in itertools.product(methods, keep_ratios):
-        for st in [s for s in settings if s == "hard/original" or m.cut != "lm"]:
+    T, L = image_token_count(model, batch["input_ids"]), model.config.text_config.num_hidden_layers
+    for m in methods:
+        ratios = [r for r in ratios_for(keep_ratios, m) if m.reachable(T, r, L)]     # out of reach: no key
+        for r, st in itertools.product(ratios, method_settings(m, settings)):
             inputs, ctx = pruned_prompt(model, batch, m, r, *parse_setting(st), vp=vp, scores=scores.get(m.label),
                                         generator=generator)
-            out[st, m.label, r] = answer_hits(model, inputs, batch, types, candidates, ctx)
+            out[st, m.label, r] = answer_hits(model, inputs, batch, types, candidates, ctx, m.uses_cache)
     return out
+
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #fe6e914c
 def sweep_hits(model, data: dict, methods: list[PruningMethod], keep_ratios=(1.0, 0.5, 0.25, 0.11), settings=SETTINGS,
                candidates: dict | None = None, batch_size: int = 64, seed: int = 0, progress: bool = False) -> dict:
-    "Per-sample hits (exact, likelihood) on encoded VQA `data`: 'baseline' and each (setting, method label, ratio)."
+    "Per-sample hits on encoded VQA `data`: 'baseline' and each (setting, method label, ratio), ratios per label too."
     methods, settings = check_methods(methods), [s for s in settings if parse_setting(s)]
-    if any(m.cut == "lm" for m in methods) and "hard/original" not in settings:
-        raise ValueError("In-LM methods (FastV, SparseVLM) run only in setting 'hard/original': add it to settings.")
-    for r in keep_ratios: keep_count(16, r)
+    if any(not method_settings(m, settings) for m in methods):
+        raise ValueError("In-LM methods (FastV, SparseVLM) and methods with their own positions (VisionZip) run only "
+                         "in setting 'hard/original': add it to settings.")
+    for m in methods:
+        for r in ratios_for(keep_ratios, m): keep_count(16, r)
     model.eval()
     dev, n = next(model.parameters()).device, len(data["answer_ids"])
     types, parts = data.get("types", ["all"] * n), {}
@@ -159,9 +193,10 @@ def sweep_accuracy(model, data: dict, methods: list[PruningMethod], keep_ratios=
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #229c6972
 def seed_rates(accs: list[dict]) -> dict:
-    "`hit_rates` of several seeds as one: each accuracy its `mean_ci` over the seeds, `n` the items of all seeds."
+    "`hit_rates` of several seeds as one: each accuracy's `mean_ci` in [0, 1] and seed values; `n` all items."
     if not accs: raise ValueError("seed_rates needs the hit_rates of at least one seed.")
-    ci = lambda vs: {m: mean_ci([v[m] for v in vs]) for m in METRICS}
+    ci = lambda vs: {m: dict(mean_ci([v[m] for v in vs], bounds=(0, 1)), per_seed=[v[m] for v in vs])
+                     for m in METRICS}
     out = {"baseline": dict(ci([a["baseline"] for a in accs]), n=sum(a["baseline"]["n"] for a in accs))}
     for st in [k for k in accs[0] if k != "baseline"]:
         out[st] = {p: {r: ci([a[st][p][r] for a in accs]) for r in rs} for p, rs in accs[0][st].items()}
@@ -203,19 +238,28 @@ def pooled_hits(hits_by_seed: list[dict], key, metric: str = "exact") -> tuple[t
     return torch.cat(hs), np.concatenate([np.full(len(h), i) for i, h in enumerate(hs)])
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #18c598a8
-def compare_pruners(hits_by_seed: list[dict], setting: str, method: str = "learned", others=("cls", "random"),
-                    metric: str = "exact", n_boot: int = 2000) -> list[dict]:
-    "Per keep ratio below 1 and other pruner: accuracies, the paired bootstrap over seeds and items, McNemar, verdict."
+def paired_rows(hits_by_seed: list[dict], pairs: list[dict], metric: str = "exact", margin: float | None = None,
+                n_boot: int = 2000) -> list[dict]:
+    "Each of `pairs` (hit keys `a`, `b`, and labels) with both accuracies, its `paired_test`, Holm over all, verdict."
     hits_by_seed = [hits_by_seed] if isinstance(hits_by_seed, dict) else list(hits_by_seed)
-    first, rows = hits_by_seed[0], []
+    rows = []
+    for pair in pairs:
+        (a, groups), (b, _) = (pooled_hits(hits_by_seed, pair[k], metric) for k in ("a", "b"))
+        rows.append(dict(pair, method_acc=float(a.float().mean()), other_acc=float(b.float().mean()),
+                         **paired_test(a, b, groups, margin=margin, n_boot=n_boot)))
+    return [dict(r, verdict=verdict(r)) for r in correct_family(rows)]
+
+
+# %% ../../nbs/pruning/06_evaluate.ipynb #4480ce33
+def compare_pruners(hits_by_seed: list[dict], setting: str, method: str = "learned", others=("cls", "random"),
+                    metric: str = "exact", margin: float | None = None, n_boot: int = 2000) -> list[dict]:
+    "Per keep ratio below 1 and other pruner: accuracies, the seed-level paired test (Holm over the table), verdict."
+    first = hits_by_seed if isinstance(hits_by_seed, dict) else hits_by_seed[0]
     ratios = sorted({k[2] for k in first if k != "baseline" and k[:2] == (setting, method)}, reverse=True)
-    for r, o in itertools.product(ratios, others):
-        if r == 1 or (setting, o, r) not in first: continue
-        (a, groups), (b, _) = (pooled_hits(hits_by_seed, (setting, p, r), metric) for p in (method, o))
-        cmp = paired_bootstrap(a, b, groups, n_boot=n_boot)
-        rows.append(dict(keep=r, method=method, other=o, method_acc=accuracy(a)["acc"], other_acc=accuracy(b)["acc"],
-                         **cmp, seeds=len(hits_by_seed), mcnemar_p=mcnemar(a, b)["p"], verdict=verdict(cmp)))
-    return rows
+    pairs = [dict(keep=r, method=method, other=o, a=(setting, method, r), b=(setting, o, r))
+             for r, o in itertools.product(ratios, others) if r != 1 and (setting, o, r) in first]
+    return paired_rows(hits_by_seed, pairs, metric, margin, n_boot)
+
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #82fe450f
 def _interval(vals: list) -> np.ndarray | None:
@@ -244,7 +288,8 @@ def pruning_accuracy_figure(acc: dict, setting: str, n_tokens: int, metric: str 
     ticks = sorted({keep_count(n_tokens, float(r)) for rs in acc[setting].values() for r in rs})
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
-    ax.set(xlabel="image tokens kept", ylabel=f"accuracy ({metric})", title=f"pruned LLaVA, {setting}{seeds}")
+    ax.set(xlabel="image tokens kept", ylabel=f"accuracy ({metric})", title=f"pruned LLaVA, {setting}{seeds}",
+           ylim=(0, 1))
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -275,9 +320,10 @@ def pooled_image(image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def kept_tokens_figure(model, batch: dict, images: np.ndarray, methods: list[PruningMethod], keep_ratio: float = 0.25,
                        questions: list[str] | None = None, seed: int = 0):
     "Figure: for each image (row) and method (column), the patches kept at `keep_ratio`, the rest dimmed."
-    methods = check_methods(methods)
+    methods, L = check_methods(methods), model.config.text_config.num_hidden_layers
     vp = vision_pass(model, batch["pixel_values"], cls_attention=any(m.needs_cls_attention for m in methods))
     T, g = vp.embeds.shape[1], torch.Generator().manual_seed(seed)
+    methods = [m for m in methods if m.reachable(T, keep_ratio, L)]          # out of a method's reach: no column
     side, k = math.isqrt(T), keep_count(T, keep_ratio)
     sels = [select_tokens(model, batch, m, keep_ratio, vp=vp, generator=g) for m in methods]
     fig, axes = plt.subplots(len(images), len(methods) + 1, figsize=(1.6 * (len(methods) + 1), 1.7 * len(images)),
@@ -287,8 +333,9 @@ def kept_tokens_figure(model, batch: dict, images: np.ndarray, methods: list[Pru
         axes[i, 0].set_ylabel((questions[i] if questions else "")[:28], fontsize=6)
         for j, (m, sel) in enumerate(zip(methods, sels), 1):
             pooled = isinstance(m, Pool)
+            where = sel.slots if sel.sources is None else sel.sources          # the patches the tokens stand for
             axes[i, j].imshow(pooled_image(image, pool_grid(T, k)) if pooled else
-                              kept_patches_image(image, sel.slots[i].tolist(), side))
+                              kept_patches_image(image, [s for s in where[i].tolist() if s >= 0], side))
             if i == 0: axes[i, j].set_title(f"{m.label} (cell means)" if pooled else m.label, fontsize=8)
     axes[0, 0].set_title("image", fontsize=8)
     for a in axes.flat: a.set(xticks=[], yticks=[])

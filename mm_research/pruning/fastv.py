@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 # %% auto #0
-__all__ = ['fastv_keep_count', 'last_token_attention', 'FastVState', 'check_fastv_args', 'fastv', 'fastv_layer_flops',
-           'fastv_prefill_flops', 'fastv_scoring_flops', 'fastv_scores', 'FastV', 'FastVInput']
+__all__ = ['fastv_keep_count', 'last_token_attention', 'FastVState', 'check_fastv_args', 'fastv', 'fastv_reprune',
+           'fastv_layer_flops', 'fastv_prefill_flops', 'fastv_scoring_flops', 'fastv_scores', 'FastV', 'FastVInput']
 
 # %% ../../nbs/pruning/01_fastv.ipynb #0cd04cde
 import torch
@@ -44,8 +44,9 @@ def last_token_attention(attn, hidden: torch.Tensor, position_embeddings, pad_ma
 # %% ../../nbs/pruning/01_fastv.ipynb #bc9b354c
 class FastVState:
     "What a `fastv` block found in the last prefill: kept positions `(B, n)`, image-token scores `(B, N)`."
-    def __init__(self, k: int, r: float, image_mask: torch.Tensor | None = None):
+    def __init__(self, k: int, r: float, image_mask: torch.Tensor | None = None, rank=None):
         self.k, self.r, self.image_mask = k, r, image_mask
+        self.rank = last_token_attention if rank is None else rank
         self.input_ids = self.pad_mask = self.is_image = self.keep = self.scores = None
         self.prefill = self.active = False
         self.n_prompt = 0
@@ -91,7 +92,10 @@ def _fastv_select(st: FastVState, attn, kwargs: dict):
     "At layer K's attention in a prefill: score the image tokens and choose the kept positions."
     if not (st.prefill and st.active): return
     h = kwargs["hidden_states"]
-    st.scores = last_token_attention(attn, h, kwargs["position_embeddings"], st.pad_mask)
+    st.scores = st.rank(attn, h, kwargs["position_embeddings"], st.pad_mask)
+    if tuple(st.scores.shape) != tuple(h.shape[:2]):
+        raise ValueError(f"fastv's rank returned {tuple(st.scores.shape)}, "
+                         f"not (batch, positions) {tuple(h.shape[:2])}.")
     n_keep = fastv_keep_count(int(st.is_image[0].sum()), st.r)
     top = st.scores.masked_fill(~st.is_image, -torch.inf).topk(n_keep, dim=1).indices
     keep = (~st.is_image).scatter(1, top, True)
@@ -115,10 +119,13 @@ def _fastv_cut_layer_inputs(st: FastVState, kwargs: dict) -> dict:
 
 # %% ../../nbs/pruning/01_fastv.ipynb #e0c02a8c
 @contextlib.contextmanager
-def fastv(model, k: int, r: float, image_mask: torch.Tensor | None = None):
+def fastv(model, k: int, r: float, image_mask: torch.Tensor | None = None, rank=None):
     "LLaVA `model` pruning image tokens FastV-style inside the LM (after layer `k`, drop share `r`) in this block."
     n = check_fastv_args(model, k, r)
-    lm, st = get_role(model, "language_model"), FastVState(k, r, image_mask)
+    if rank is not None and not callable(rank):
+        raise ValueError(f"fastv's rank must be a function (attn, hidden, position_embeddings, pad_mask) -> (B, N), "
+                         f"got {type(rank).__name__}: pass None for the last token's attention.")
+    lm, st = get_role(model, "language_model"), FastVState(k, r, image_mask, rank)
     layers = lm.layers
 
     def read_ids(mod, args, kwargs): st.input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -133,6 +140,19 @@ def fastv(model, k: int, r: float, image_mask: torch.Tensor | None = None):
     try: yield st
     finally:
         for h in hooks: h.remove()
+
+# %% ../../nbs/pruning/01_fastv.ipynb #74b6596f
+@contextlib.contextmanager
+def fastv_reprune(model, k: int, r: float, image_mask: torch.Tensor | None = None, rank=None):
+    "`fastv` as the authors' original runs: every forward without a KV cache, so each one re-ranks the image tokens."
+    def refuse_cache(mod, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            raise ValueError("FastV with reprune=True re-prunes at every forward: generate with use_cache=False.")
+    with fastv(model, k, r, image_mask, rank) as st:
+        hook = get_role(model, "language_model").register_forward_pre_hook(refuse_cache, with_kwargs=True)
+        try: yield st
+        finally: hook.remove()
 
 # %% ../../nbs/pruning/01_fastv.ipynb #0285cc3c
 def fastv_layer_flops(n: int, d: int, m: int) -> int:
@@ -172,20 +192,24 @@ def fastv_scores(model, batch: dict, image_embeds: torch.Tensor, layer: int = 2)
 class FastV(PruningMethod):
     "FastV inside the LM: layers 1..k see every token, layers k+1..L the image tokens the last token attends to most."
     k: int = 2
+    reprune: bool = False        # True: the authors' original, re-ranking at every forward without a KV cache
     name: ClassVar[str] = "fastv"
     cut: ClassVar[str] = "lm"
     scored: ClassVar[bool] = False
 
     @property
-    def label(self) -> str: return f"fastv_k{self.k}"
+    def label(self) -> str: return f"fastv_k{self.k}" + ("_reprune" if self.reprune else "")
+
+    @property
+    def uses_cache(self) -> bool: return not self.reprune
 
     def select(self, model, batch, vp, keep_ratio, generator=None, scores=None):
         s = fastv_scores(model, batch, vp.embeds, self.k) if scores is None else scores
         return topk_selection(vp.embeds, s, keep_count(vp.embeds.shape[1], keep_ratio))
 
-    def lm_context(self, model, batch, keep_ratio):
+    def lm_context(self, model, batch, keep_ratio, generator=None):
         T = image_token_count(model, batch["input_ids"])
-        return fastv(model, self.k, 1 - keep_count(T, keep_ratio) / T)
+        return (fastv_reprune if self.reprune else fastv)(model, self.k, 1 - keep_count(T, keep_ratio) / T)
 
     def layer_tokens(self, n_tokens, n_image, keep_ratio, n_layers):
         return [n_tokens] * self.k + [n_tokens - n_image + keep_count(n_image, keep_ratio)] * (n_layers - self.k)

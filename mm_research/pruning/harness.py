@@ -10,7 +10,7 @@ __all__ = ['PRUNERS', 'PRUNER_NAMES', 'RESERVED', 'register_pruner', 'experiment
 
 # %% ../../nbs/pruning/05_harness.ipynb #8aa2e297
 from .base import PruningMethod
-from .baselines import CLS, KeepAll, Pool, Random
+from .baselines import CLS, KeepAll, Pool, Random, RandomLM
 from .fastv import FastV, FastVInput
 from .learned import Learned
 from .sparsevlm import SparseVLM
@@ -33,7 +33,8 @@ def register_pruner(cls: type[PruningMethod], replace: bool = False) -> type[Pru
     return cls
 
 # %% ../../nbs/pruning/05_harness.ipynb #c0ae5381
-for _cls in (Learned, FastV, VisionZip, SparseVLM, CLS, Random, Pool, FastVInput, KeepAll): register_pruner(_cls)
+for _cls in (Learned, FastV, VisionZip, SparseVLM, CLS, Random, Pool, RandomLM, FastVInput, KeepAll):
+    register_pruner(_cls)
 
 # %% ../../nbs/pruning/05_harness.ipynb #bf81fc9b
 def experiment_methods(pruner: str = "all", fastv_ks=(2,), ablations: bool = False, scorer=None) -> list[PruningMethod]:
@@ -42,6 +43,9 @@ def experiment_methods(pruner: str = "all", fastv_ks=(2,), ablations: bool = Fal
         raise ValueError(f"Unknown pruner {pruner!r}: use 'all' or one of {', '.join(PRUNERS)}.")
     names = [n for n, c in PRUNERS.items() if c.compared] if pruner == "all" else [pruner]
     names += ["fastv_input"] if ablations and pruner == "all" else []
-    per_name = {"fastv": lambda: [FastV(k) for k in fastv_ks], "fastv_input": lambda: [FastVInput(fastv_ks[0])],
-                "learned": lambda: [Learned(scorer)]}
+    per_name = {"fastv": lambda: [FastV(k) for k in fastv_ks] + [FastV(fastv_ks[0], reprune=True)],
+                "random_lm": lambda: [RandomLM(k) for k in fastv_ks],
+                "fastv_input": lambda: [FastVInput(fastv_ks[0])], "learned": lambda: [Learned(scorer)],
+                "visionzip": lambda: [VisionZip()] + ([VisionZip(authors=False)] if ablations else []),
+                "sparsevlm": lambda: [SparseVLM()] + ([SparseVLM(recycle=False, budget="final")] if ablations else [])}
     return [m for n in names for m in per_name.get(n, lambda: [PRUNERS[n]()])()]

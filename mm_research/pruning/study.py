@@ -5,13 +5,15 @@
 # %% ../../nbs/pruning/09_study.ipynb #65a3fd3f
 from __future__ import annotations
 import time
+from math import nan
 from pathlib import Path
 from types import SimpleNamespace
 
 # %% auto #0
 __all__ = ['lm_layers', 'check_study', 'answers_by_type', 'experiment_plan', 'study_data', 'study_base', 'study_scorer',
-           'run_seed', 'pool_seeds', 'first_rows', 'keep_all_parity', 'fastv_cache_tokens', 'cost_rows', 'hits_tensors',
-           'comparison_sentence', 'pruning_conclusion', 'cost_conclusion']
+           'first_rows', 'sweep_ratios', 'study_chance', 'run_seed', 'pool_seeds', 'keep_all_parity',
+           'fastv_cache_tokens', 'cost_rows', 'cost_summary', 'hits_tensors', 'equal_ratio_view', 'control_pairs',
+           'comparison_sentence', 'verdict_tally', 'pruning_conclusion', 'cost_conclusion']
 
 # %% ../../nbs/pruning/09_study.ipynb #44690630
 import torch
@@ -20,8 +22,9 @@ from ..llava.tower_pretrain import pruning_base
 from ..llava.vqa import chance_accuracy, encode_vqa, train_vqa_base, vqa_slice
 from ..llava.vqa_data import (SCENE_ANSWERS, VQA_ANSWERS, load_vqa, make_scene_vqa, make_shape_vqa,
                                         scene_vqa_root, shape_vqa_root, split_overlap)
-from .base import SETTINGS, keep_count, parse_setting, pruned_logits
+from .base import SETTINGS, keep_count, method_settings, parse_setting, pruned_logits
 from .evaluate import METRICS, hit_rates, seed_rates, sweep_hits
+from .matched import matched_plan
 from .fastv import FastV
 from .harness import experiment_methods
 from .learned import PROMPT_KEYS, TokenScorer, check_keep_ratios, check_objective, train_scorer
@@ -66,16 +69,23 @@ def answers_by_type(scenes: bool) -> dict:
 
 # %% ../../nbs/pruning/09_study.ipynb #cd0cd266
 def experiment_plan(cfg, n_layers: int):
-    "What the experiment runs: its methods (and labels), keep ratios (1.0 always in), settings and SparseVLM's cuts."
+    "What the experiment runs: methods (and labels), keep ratios (1.0 always in), FLOPs budgets, settings, margin."
     methods = experiment_methods(cfg.pruner, list(cfg.fastv_ks), cfg.ablations)
     ratios = [float(r) for r in cfg.keep_ratios]
     ratios = ratios if 1.0 in ratios else [1.0, *ratios]
     for r in ratios: keep_count(16, r)                              # a ratio outside (0, 1] stops here
+    budgets = [float(b) for b in cfg.flops_budgets]
+    if any(not 0 < b < 1 for b in budgets) or len(set(budgets)) != len(budgets):
+        raise ValueError(f"flops_budgets must be distinct shares of the unpruned FLOPs in (0, 1), got {budgets!r}.")
+    if not 0 < cfg.equivalence_margin < 1:
+        raise ValueError(f"equivalence_margin must be in (0, 1) (accuracy points), got {cfg.equivalence_margin!r}.")
     headline, main = "hard/original", f"hard/{cfg.position_policy}"
     settings = list(dict.fromkeys([headline, main, *(SETTINGS if cfg.ablations else ())]))
     for st in settings: parse_setting(st)
     return SimpleNamespace(methods=methods, labels=[m.label for m in methods], keep_ratios=ratios, headline=headline,
-                           main=main, settings=settings, sparsevlm_layers=sparsevlm_layers_for(n_layers))
+                           main=main, settings=settings, sparsevlm_layers=sparsevlm_layers_for(n_layers),
+                           budgets=sorted(budgets, reverse=True), margin=float(cfg.equivalence_margin))
+
 
 # %% ../../nbs/pruning/09_study.ipynb #8ffb86eb
 def study_data(cfg, seed: int, processor, trains: bool) -> tuple[Path, dict, dict]:
@@ -123,35 +133,56 @@ def study_scorer(cfg, seed: int, base, data: dict, run_dir, device) -> tuple[Tok
                                    train_time_s=time.perf_counter() - t0, best=fit.best, step_time_s=fit.step_time_s,
                                    trained=True)
 
+# %% ../../nbs/pruning/09_study.ipynb #54fab305
+def first_rows(split: dict, n: int, device) -> dict:
+    "The first `n` prompts of an encoded split (pixels, ids, mask, answer ids) on `device`."
+    return {k: split[k][:n].to(device) for k in PROMPT_KEYS}
+
+# %% ../../nbs/pruning/09_study.ipynb #4914fe30
+def sweep_ratios(methods, keep_ratios, matched: dict, n_image: int, n_layers: int) -> dict:
+    "Per method label: the keep ratios it reaches and the ratios of its FLOPs budgets, each once, descending."
+    return {m.label: sorted({*(r for r in keep_ratios if m.reachable(n_image, r, n_layers)),
+                             *(r for r in matched.get(m.label, {}).values() if r is not None)}, reverse=True)
+            for m in methods}
+
+
+# %% ../../nbs/pruning/09_study.ipynb #11b97c21
+def study_chance(data: dict) -> float:
+    "Accuracy on the test split of answering each question type's most frequent TRAINING answer (test alone: nan)."
+    return chance_accuracy(data["test"], data["train"]) if "train" in data else float("nan")
+
+
 # %% ../../nbs/pruning/09_study.ipynb #9aebfa93
 def run_seed(cfg, seed: int, processor, plan, candidates: dict, device, run_dir, trains: bool) -> dict:
-    "One seed end to end: its data, base and scorer, every method's hits on its test split, and their rates."
+    "One seed end to end: data, base and scorer, the FLOPs-matched ratios, every method's hits and their rates."
     root, data, leaks = study_data(cfg, seed, processor, trains)
     base, base_record = study_base(cfg, seed, data, processor, device)
     wants_scorer = "learned" in plan.labels
     scorer, scorer_record = study_scorer(cfg, seed, base, data, run_dir, device) if wants_scorer else (None, None)
     t0 = time.perf_counter()
     methods = experiment_methods(cfg.pruner, list(cfg.fastv_ks), cfg.ablations, scorer)
-    hits = sweep_hits(base, data["test"], methods, plan.keep_ratios, plan.settings, candidates, batch_size=64,
-                      seed=seed)
+    one = first_rows(data["test"], 1, device)
+    matched = matched_plan(base, one, [m for m in methods if m.compared], plan.budgets)
+    ratios = sweep_ratios(methods, plan.keep_ratios, matched, image_token_count(base, one["input_ids"]),
+                          base.config.text_config.num_hidden_layers)
+    hits = sweep_hits(base, data["test"], methods, ratios, plan.settings, candidates, batch_size=64, seed=seed)
     return dict(root=str(root), overlap_with_train=leaks, test=data["test"], base=base, scorer=scorer,
-                methods=methods, base_record=base_record, scorer_record=scorer_record, hits=hits,
-                acc=hit_rates(hits), sweep_time_s=time.perf_counter() - t0, chance=chance_accuracy(data["test"]))
+                methods=methods, base_record=base_record, scorer_record=scorer_record, hits=hits, matched=matched,
+                acc=hit_rates(hits), sweep_time_s=time.perf_counter() - t0, chance=study_chance(data))
+
 
 # %% ../../nbs/pruning/09_study.ipynb #900e6784
 def pool_seeds(results: dict, keep_ratios) -> SimpleNamespace:
-    "The seeds' results as one: rates over seeds, every seed's hits, the first seed, image tokens, chance, tokens kept."
+    "The seeds' results as one: rates over seeds, every seed's hits, first seed, image tokens, chance, matched plan."
     first = next(iter(results.values()))
     n_tokens = image_token_count(first["base"], first["test"]["input_ids"][:1])
-    return SimpleNamespace(acc=seed_rates([r["acc"] for r in results.values()]),
+    if any(r["matched"] != first["matched"] for r in results.values()):
+        raise ValueError("The seeds' FLOPs-matched keep ratios differ (prompt lengths differ): pad the splits alike.")
+    return SimpleNamespace(acc=seed_rates([r["acc"] for r in results.values()]), matched=first["matched"],
                            hits=[r["hits"] for r in results.values()], first=first, n_tokens=n_tokens,
-                           chance=mean_ci([r["chance"] for r in results.values()]),
+                           chance=mean_ci([r["chance"] for r in results.values()], bounds=(0, 1)),
                            tokens_kept={str(r): keep_count(n_tokens, r) for r in keep_ratios})
 
-# %% ../../nbs/pruning/09_study.ipynb #54fab305
-def first_rows(split: dict, n: int, device) -> dict:
-    "The first `n` prompts of an encoded split (pixels, ids, mask, answer ids) on `device`."
-    return {k: split[k][:n].to(device) for k in PROMPT_KEYS}
 
 # %% ../../nbs/pruning/09_study.ipynb #727bdf23
 @torch.no_grad()
@@ -159,7 +190,7 @@ def keep_all_parity(model, batch: dict, methods, settings, headline: str) -> dic
     "Per method label: whether keep ratio 1.0 gives the model's own logits bit for bit in every setting it runs in."
     ref = mode_logits(model, batch, "baseline")
     return {m.label: all(torch.equal(pruned_logits(model, batch, m, 1.0, *parse_setting(st))[0], ref)
-                         for st in ([headline] if m.cut == "lm" else settings)) for m in methods}
+                         for st in method_settings(m, settings, headline)) for m in methods}
 
 # %% ../../nbs/pruning/09_study.ipynb #86d5dd17
 @torch.no_grad()
@@ -180,6 +211,25 @@ def cost_rows(costs: list[dict]) -> list[dict]:
                  decode_ms=1e3 * r["decode_s"], latency_ms=1e3 * r["latency_s"], latency_ratio=r["latency_ratio"])
             for r in costs]
 
+# %% ../../nbs/pruning/09_study.ipynb #db911067
+def cost_summary(costs: list[dict], fastv_speed: list[dict], K: int) -> dict:
+    "The cost headline: FLOPs and KV shares at keep 0.25 (batch 1), measured latency ratios, FastV's prefill at 0.5."
+    out = {}
+    for r in [r for r in costs if r["keep_ratio"] == 0.25]:
+        m, b = r["method"], r["batch"]
+        if b == 1:
+            out[f"{m} @ keep 0.25: analytic FLOPs vs unpruned"] = dict(mean=r["flops_ratio"], lo=nan, hi=nan, n=1)
+            out[f"{m} @ keep 0.25: KV cache vs unpruned"] = dict(mean=r["kv_ratio"], lo=nan, hi=nan, n=1)
+        out[f"{m} @ keep 0.25: end-to-end latency vs unpruned (measured, batch {b})"] = r["latency_ratio_ci"]
+    half = next((r for r in fastv_speed if r["K"] is not None and r["keep_ratio"] == 0.5), None)
+    if half:
+        out[f"fastv_k{K} @ keep 0.5: prefill speedup (analytic, paper FLOPs)"] = dict(mean=half["ideal_speedup"],
+                                                                                      lo=nan, hi=nan, n=1)
+        out[f"fastv_k{K} @ keep 0.5: prefill speedup (measured, best of repeats)"] = dict(
+            mean=half["measured_speedup"], lo=nan, hi=nan, n=1)
+    return out
+
+
 # %% ../../nbs/pruning/09_study.ipynb #66d7941e
 def hits_tensors(hits_by_seed: dict) -> dict[str, torch.Tensor]:
     "Every seed's hit vectors by name `seed<s>/<setting>/<method>/<ratio>/<metric>` (or `seed<s>/baseline/<metric>`)."
@@ -188,55 +238,74 @@ def hits_tensors(hits_by_seed: dict) -> dict[str, torch.Tensor]:
     return {name(s, key, m): h for s, hits in hits_by_seed.items() for key, hs in hits.items()
             for m, h in zip(METRICS, hs)}
 
+# %% ../../nbs/pruning/09_study.ipynb #18720f42
+def equal_ratio_view(acc: dict, keep_ratios) -> dict:
+    "`acc` with every setting's entries at `keep_ratios` only (the FLOPs-matched ratios left out)."
+    keep = {str(r) for r in keep_ratios}
+    return {st: v if st == "baseline" else {m: {r: x for r, x in rs.items() if r in keep} for m, rs in v.items()}
+            for st, v in acc.items()}
+
+
+# %% ../../nbs/pruning/09_study.ipynb #387e0b0e
+def control_pairs(labels: list[str], keep_ratios, setting: str) -> list[dict]:
+    "Each `fastv_k<K>` against `random_lm_k<K>` (random tokens dropped at the same layer) at each keep ratio below 1."
+    return [dict(keep=r, method=f, other=f"random_lm_{f[len('fastv_'):]}", a=(setting, f, r),
+                 b=(setting, f"random_lm_{f[len('fastv_'):]}", r))
+            for f in labels if f.startswith("fastv_k") and f"random_lm_{f[len('fastv_'):]}" in labels
+            for r in keep_ratios if r < 1]
+
+
 # %% ../../nbs/pruning/09_study.ipynb #57fdf631
 def comparison_sentence(c: dict, n_tokens: int) -> str:
-    "One paired comparison in words, with both accuracies and the tokens kept."
-    k = keep_count(n_tokens, c["keep"])
-    return (f"{c['other']} at keep {c['keep']:g} ({k} of {n_tokens} tokens; {c['method_acc']:.3f} vs "
-            f"{c['other_acc']:.3f}): " + compare_text(c["method"], c["other"], c))
+    "One paired comparison in words, with both accuracies and the tokens each kept."
+    k, ko = keep_count(n_tokens, c["keep"]), keep_count(n_tokens, c.get("other_keep", c["keep"]))
+    kept = f"{k} vs {ko} of {n_tokens} tokens" if k != ko else f"{k} of {n_tokens} tokens"
+    where = f"at FLOPs {c['budget']:g}" if "budget" in c else f"at keep {c['keep']:g}"
+    return (f"{c['other']} {where} ({kept}; {c['method_acc']:.3f} vs {c['other_acc']:.3f}): "
+            + compare_text(c["method"], c["other"], c))
+
+
+# %% ../../nbs/pruning/09_study.ipynb #c5f03932
+def verdict_tally(cmps: list[dict], n_tokens: int) -> str:
+    "The verdicts of a family of comparisons, counted: the established ones in words, the inconclusive ones named."
+    groups = {v: [c for c in cmps if c["verdict"] == v] for v in ("beats", "loses to", "equivalent", "inconclusive")}
+    where = lambda c: f"{c['other']} at " + (f"FLOPs {c['budget']:g}" if "budget" in c else f"keep {c['keep']:g}")
+    said = lambda v, cs: "; ".join(where(c) for c in cs) if v == "inconclusive" else "; ".join(
+        comparison_sentence(c, n_tokens) for c in cs)
+    return "; ".join(f"**{v}** in {len(cs)} of {len(cmps)}: {said(v, cs)}" for v, cs in groups.items() if cs)
+
 
 # %% ../../nbs/pruning/09_study.ipynb #6991bc87
-def pruning_conclusion(acc: dict, comparison: list[dict], methods: list[str], keep_ratios, headline: str, n_tokens: int,
-                       n_layers: int, seeds, chance: dict, scorer_record: dict | None, relevance: dict | None,
-                       pruner: str) -> str:
-    "The accuracy conclusion of the pruning experiment, computed from its tables (learned against the rest)."
-    base_acc = acc["baseline"]["exact"]
-    low_cmp = [c for c in comparison if c["keep"] <= 0.25]
-    ahead = [c for c in low_cmp if c["lo"] > 0]
+def pruning_conclusion(acc: dict, matched_rows: list[dict], matched_cmp: list[dict], control_cmp: list[dict],
+                       equal_cmp: list[dict], headline: str, n_tokens: int, n_layers: int, seeds, chance: dict,
+                       margin: float) -> str:
+    "The accuracy conclusion of the pruning experiment, from its Holm-corrected seed-level tests."
+    base_acc, budgets = acc["baseline"]["exact"], list(dict.fromkeys(r["budget"] for r in matched_rows))
     text = (f"On {acc['baseline']['n']} VQA test questions ({len(seeds)} seed(s), each with its own data, base and "
-            f"scorer; {n_tokens} image tokens, {n_layers} LM layers), the keep-all baseline answers {fmt_ci(base_acc)} "
-            f"(majority answer {chance['mean']:.3f}). ")
-    if not low_cmp:
-        text += f"The learned pruner was not compared at keep 0.25 or below (pruner = {pruner!r}). "
-    elif len(ahead) == len(low_cmp):
-        text += (f"**The learned pruner is ahead of every training-free method at keep 0.25 and below**, each paired "
-                 f"95% interval excluding zero ({len(low_cmp)} comparisons). ")
-    else:
-        text += ("**The learned pruner is not ahead of every training-free method at keep 0.25 and below**: "
-                 f"its paired "
-                 f"interval excludes zero in its favour in {len(ahead)} of {len(low_cmp)} comparisons. Not ahead: "
-                 + "; ".join(comparison_sentence(c, n_tokens) for c in low_cmp if c["lo"] <= 0) + ". ")
-        why = []
-        if scorer_record and not scorer_record["trained"]:
-            why.append(f"the learned pruner here is {scorer_record['evaluated']}")
-        if base_acc["mean"] - chance["mean"] < 0.1:
-            why.append(f"the base answers {base_acc['mean']:.3f} against {chance['mean']:.3f} for the majority answer, "
-                       "so there is little for any pruner to keep")
-        if relevance:
-            why.append("its kept set follows the question less than FastV's: mean Jaccard distance between the keep "
-                       f"sets of two questions on one image {relevance['learned']:.3f} for the learned pruner against "
-                       + ", ".join(f"{relevance[m]:.3f} for {m}" for m in relevance if m in methods and m != "learned")
-                       + f" ({relevance['n_pairs']} question pairs)")
-        widths = [c["hi"] - c["lo"] for c in low_cmp]
-        why.append(f"the paired intervals are {min(widths):.3f} to {max(widths):.3f} wide on {low_cmp[0]['n']} "
-                   f"questions, so differences below about half that are not resolved")
-        text += "Why, from this run: " + "; ".join(why) + ". "
-    top = {r: max(acc[headline][m][str(r)]["exact"]["mean"] for m in methods) for r in keep_ratios if r < 1}
-    leaders = {r: " and ".join(m for m in methods if acc[headline][m][str(r)]["exact"]["mean"] == a)
-               for r, a in top.items()}
-    text += "Highest mean at each keep ratio: " + "; ".join(f"{r:g}: {leaders[r]} ({a:.3f})" for r, a in top.items())
-    text += ". "
+            f"scorer; {n_tokens} image tokens, {n_layers} LM layers), the unpruned base answers {fmt_ci(base_acc)} "
+            f"(the most frequent training answer per question type scores {chance['mean']:.3f} on the test split). "
+            f"Every verdict below is a paired test over the seeds' mean differences (Student t, which carries seed "
+            f"and question variance), Holm-corrected within its table; *equivalent* needs the equivalence test "
+            f"against ±{margin:g} (fixed before the run). ")
+    reached = [r for r in matched_rows if r["keep_ratio"] is not None]
+    if not reached: return text + "No compared pruning method ran in this run (a harness check): nothing to conclude. "
+    best = {b: max((r for r in reached if r["budget"] == b), key=lambda r: r["accuracy"]["mean"]) for b in budgets}
+    text += ("**At equal cost** (each method keeps what a budget of its analytic FLOPs to the first token buys): "
+             "highest mean " + "; ".join(f"at {b:g}: {r['method']} ({fmt_ci(r['accuracy'])}, {r['tokens']} tokens)"
+                                         for b, r in best.items()) + ". ")
+    out = [f"{r['method']} at {r['budget']:g}" for r in matched_rows if r["keep_ratio"] is None]
+    if out: text += "Out of reach (their fixed part alone costs more): " + ", ".join(out) + ". "
+    if matched_cmp:
+        text += "The learned pruner against each method at each budget: " + verdict_tally(matched_cmp, n_tokens) + ". "
+    if control_cmp:
+        text += ("**Does FastV's ranking do the work, or its K full layers?** Against dropping random image tokens at "
+                 "the same layer (same cost): " + verdict_tally(control_cmp, n_tokens) + ". ")
+    if equal_cmp:
+        text += ("At equal keep ratio (not equal cost; secondary), the learned pruner against each method: "
+                 + "; ".join(f"{v} {sum(c['verdict'] == v for c in equal_cmp)}"
+                             for v in ("beats", "loses to", "equivalent", "inconclusive")) + f" of {len(equal_cmp)}. ")
     return text
+
 
 # %% ../../nbs/pruning/09_study.ipynb #c240c98a
 def cost_conclusion(costs: list[dict], keep_ratios, n_tokens: int, device, half: dict | None, K: int, seeds,

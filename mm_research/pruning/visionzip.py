@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 # %% auto #0
-__all__ = ['visionzip_split', 'visionzip_merge', 'VisionZipSignals', 'visionzip_signals', 'VisionZipOut', 'visionzip_embeds',
-           'visionzip_selection', 'VisionZip']
+__all__ = ['visionzip_split', 'visionzip_merge', 'visionzip_authors_merge', 'VisionZipSignals', 'visionzip_signals',
+           'VisionZipOut', 'visionzip_embeds', 'visionzip_selection', 'visionzip_authors_selection', 'VisionZip']
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #ed860612
 import torch
@@ -23,12 +23,15 @@ def visionzip_split(budget: int, n_tokens: int, contextual: int | None = None) -
     "(dominant, contextual) token counts for `budget` of `n_tokens`: VisionZip's 54 + 10 per 64 unless given."
     if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= n_tokens:
         raise ValueError(f"VisionZip budget must be an int in [1, {n_tokens}] (image tokens kept), got {budget!r}.")
+    if contextual is not None and (isinstance(contextual, bool) or not isinstance(contextual, int)):
+        raise ValueError(f"VisionZip contextual must be an int or None (10 per 64 tokens), got {contextual!r}.")
     if contextual is None: contextual = 0 if budget == n_tokens else int(budget * 10 / 64 + 0.5)
     dominant = budget - contextual
     if not 0 <= contextual < budget or n_tokens - dominant < contextual:
         raise ValueError(f"contextual={contextual} does not fit budget {budget} of {n_tokens} tokens: "
                          "it needs 0 <= contextual < budget and as many remaining tokens as contextual ones.")
     return dominant, contextual
+
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #2d8caad2
 def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, cls_attention: torch.Tensor, n_dominant: int,
@@ -51,12 +54,25 @@ def visionzip_merge(hidden: torch.Tensor, keys: torch.Tensor, cls_attention: tor
     tokens = torch.cat([gather_positions(hidden, dom, 1), hid[:, targets] + merged], 1)
     return tokens, torch.cat([dom, rest[:, targets]], 1)
 
+# %% ../../nbs/pruning/02_visionzip.ipynb #093cf63b
+def visionzip_authors_merge(hidden: torch.Tensor, keys: torch.Tensor, cls_attention: torch.Tensor,
+                            cls_hidden: torch.Tensor, n_dominant: int, n_contextual: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    "The authors' tokens `(B, d + c, D)` [CLS, d - 1 dominant ascending, c contextual], and each one's patch (CLS: -1)."
+    if isinstance(n_dominant, bool) or not isinstance(n_dominant, int) or n_dominant < 1:
+        raise ValueError(f"n_dominant counts CLS, so it must be an int >= 1, got {n_dominant!r}.")
+    tokens, patches = visionzip_merge(hidden, keys, cls_attention, n_dominant - 1, n_contextual)
+    return torch.cat([cls_hidden[:, None], tokens], 1), torch.cat([patches.new_full((len(patches), 1), -1), patches], 1)
+
+
 # %% ../../nbs/pruning/02_visionzip.ipynb #c3dfb535
 class VisionZipSignals(NamedTuple):
-    "Selected features `(B, T, Dv)`, CLS attention over the patches `(B, T)`, heads-averaged patch keys `(B, T, Dh)`."
+    "Features `(B, T, Dv)`, CLS attention over patches `(B, T)`, patch keys `(B, T, Dh)`, CLS's hidden state `(B, Dv)`."
     raw: torch.Tensor
     cls_attention: torch.Tensor
     keys: torch.Tensor
+    cls_hidden: torch.Tensor
+
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #7202b8f7
 def visionzip_signals(model, pixel_values: torch.Tensor) -> VisionZipSignals:
@@ -74,7 +90,8 @@ def visionzip_signals(model, pixel_values: torch.Tensor) -> VisionZipSignals:
     try: out = tower(pixel_values, output_hidden_states=True, return_dict=True)
     finally: hook.remove()
     cls, k = cls_query_attention(attn, seen["x"])
-    return VisionZipSignals(select_image_features(out.hidden_states, layer, strategy), cls[:, 1:], k.mean(1)[:, 1:])
+    return VisionZipSignals(select_image_features(out.hidden_states, layer, strategy), cls[:, 1:], k.mean(1)[:, 1:],
+                            out.hidden_states[layer][:, 0])
 
 # %% ../../nbs/pruning/02_visionzip.ipynb #b3100d67
 class VisionZipOut(NamedTuple):
@@ -102,23 +119,52 @@ def visionzip_selection(model, pixel_values: torch.Tensor, budget: int, contextu
     embeds = get_role(model, "projector")(gather_positions(tokens, order, 1))
     return Selection(embeds, slots.gather(1, order), sig.cls_attention)
 
+# %% ../../nbs/pruning/02_visionzip.ipynb #b1efe529
+def visionzip_authors_selection(model, pixel_values: torch.Tensor, budget: int,
+                                contextual: int | None = None) -> Selection:
+    "VisionZip as its authors feed it: projected [CLS, d - 1 dominant, c contextual] in slots 0..k-1, with sources."
+    sig = visionzip_signals(model, pixel_values)
+    (B, T), projector = sig.cls_attention.shape, get_role(model, "projector")
+    d, c = visionzip_split(budget, T, contextual)
+    slots = torch.arange(budget, device=sig.raw.device).expand(B, -1)
+    if budget == T: return Selection(projector(sig.raw), slots, sig.cls_attention, slots)   # off: every patch
+    tokens, sources = visionzip_authors_merge(sig.raw, sig.keys, sig.cls_attention, sig.cls_hidden, d, c)
+    return Selection(projector(tokens), slots, sig.cls_attention, sources)
+
+
 # %% ../../nbs/pruning/02_visionzip.ipynb #46f41e3f
 @dataclass(frozen=True)
 class VisionZip(PruningMethod):
     "VisionZip: dominant tokens by CLS attention plus contextual tokens merged by key similarity, in the tower."
     contextual: int | None = None
+    authors: bool = True
     name: ClassVar[str] = "visionzip"
     scored: ClassVar[bool] = False
     own_vision_pass: ClassVar[bool] = True
 
+    def __post_init__(self):
+        if not isinstance(self.authors, bool):
+            raise ValueError(f"VisionZip authors must be True (the authors' code) or False (the 'visionzip_slots' "
+                             f"ablation), got {self.authors!r}.")
+
+    @property
+    def label(self) -> str: return self.name if self.authors else "visionzip_slots"
+
+    @property
+    def positions(self) -> str | None: return "renumber" if self.authors else None
+
     def select(self, model, batch, vp, keep_ratio, generator=None, scores=None):
         T = image_token_count(model, batch["input_ids"])
-        return visionzip_selection(model, batch["pixel_values"], keep_count(T, keep_ratio), self.contextual)
+        pick = visionzip_authors_selection if self.authors else visionzip_selection
+        return pick(model, batch["pixel_values"], keep_count(T, keep_ratio), self.contextual)
 
     def scoring_flops(self, model, n_tokens, n_image, keep_ratio, tokens, batch=1):
         vc = model.config.vision_config
-        dom, ctx = visionzip_split(keep_count(n_image, keep_ratio), n_image, self.contextual)
+        k = keep_count(n_image, keep_ratio)
+        dom, ctx = visionzip_split(k, n_image, self.contextual)
+        dom -= self.authors and k < n_image            # the authors' CLS is one of the dominant tokens
         merge = 2 * (n_image - dom - ctx) * ctx * (vc.hidden_size // vc.num_attention_heads + vc.hidden_size)
         return cls_row_flops(vc, batch) + batch * merge
 
     def projected_tokens(self, n_image, keep_ratio): return keep_count(n_image, keep_ratio)
+

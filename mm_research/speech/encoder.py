@@ -13,7 +13,7 @@ from torch import nn
 from fastcore.basics import patch
 from transformers.modeling_outputs import ModelOutput
 from ..core import resolve_device, resolve_dtype
-from ..stats import compare_text, fmt_ci, mcnemar, mean_ci, paired_bootstrap, verdict
+from ..stats import accuracy_interval, compare_text, correct_family, fmt_ci, paired_test, verdict
 from ..zoo import load_config, load_model, load_processor, build_model, param_count, PRESETS
 from ..inspect import roles, get_role
 from ..train import eval_accuracy, fit
@@ -24,13 +24,13 @@ from ..memory.profiler import MemoryProfiler
 from .data import COMMAND_WORDS, AudioClips, SpokenCommandsConfig, spoken_commands
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'TRAIN_MODES', 'MODE_PAIRS', 'choose_strategy', 'tower_window', 'feature_extractor_of', 'check_clips',
-           'tower_features', 'masked_mean', 'tower_lengths', 'encode_tower', 'audio_token_id', 'SpeechEncoder',
-           'checkpoint_weight_map', 'checkpoint_prefix', 'read_shards', 'load_audio_tower', 'check_lora', 'add_lora',
-           'KeywordOutput', 'KeywordClassifier', 'freeze_for_mode', 'audio_processor', 'speech_setup',
-           'featurize_clips', 'collate', 'keyword_hits', 'seed_splits', 'classifier_for_mode', 'scored_as_loaded',
-           'train_keyword_trial', 'mode_results', 'mode_comparisons', 'plot_speech_modes', 'format_lrs',
-           'speech_conclusion', 'claim_status', 'earlier_claims']
+__all__ = ['STRATEGIES', 'TRAIN_MODES', 'MODE_PAIRS', 'SAME_PAIRS', 'choose_strategy', 'tower_window', 'feature_extractor_of',
+           'check_clips', 'tower_features', 'masked_mean', 'tower_lengths', 'encode_tower', 'audio_token_id',
+           'SpeechEncoder', 'checkpoint_weight_map', 'checkpoint_prefix', 'read_shards', 'load_audio_tower',
+           'check_lora', 'add_lora', 'KeywordOutput', 'KeywordClassifier', 'freeze_for_mode', 'audio_processor',
+           'speech_setup', 'featurize_clips', 'collate', 'keyword_hits', 'seed_splits', 'classifier_for_mode',
+           'scored_as_loaded', 'train_keyword_trial', 'mode_results', 'mode_comparisons', 'plot_speech_modes',
+           'format_lrs', 'speech_conclusion', 'claim_status', 'earlier_claims']
 
 # %% ../../nbs/speech/02_encoder.ipynb #7eed46b8
 STRATEGIES = ("audio_tower", "full_forward")
@@ -409,9 +409,11 @@ def train_keyword_trial(built: tuple, loaders: dict, mode: str, lr: float, seed:
 # %% ../../nbs/speech/02_encoder.ipynb #b171bdc9
 def mode_results(chosen_trials: dict[str, list[dict]], hits: dict[str, dict], seeds: list,
                  trained: bool = True) -> dict[str, dict]:
-    "Per mode: the test accuracy over `seeds` (mean, 95% interval), per seed, and the costs of its chosen trials."
+    "Per mode: test accuracy over `seeds` (mean, 95% interval in [0, 1]), per seed, and the costs of its chosen trials."
     acc = {m: [float(np.mean(hits[m][s])) for s in seeds] for m in hits}
-    return {m: dict(test_acc=mean_ci(acc[m]), test_acc_per_seed=acc[m], lr_per_seed=[t["lr"] for t in ts],
+    pooled = lambda m: ([h for s in seeds for h in hits[m][s]], [s for s in seeds for _ in hits[m][s]])
+    return {m: dict(test_acc=accuracy_interval(*pooled(m), seeds), test_acc_per_seed=acc[m],
+                    lr_per_seed=[t["lr"] for t in ts],
                     val_acc_per_seed=[t["val_acc"] for t in ts], best_epoch_per_seed=[t["best_epoch"] for t in ts],
                     trainable_params=ts[0]["trainable_params"], total_params=ts[0]["total_params"],
                     step_time_s=float(np.median([t["step_time_s"] for t in ts])) if trained else None,
@@ -421,19 +423,18 @@ def mode_results(chosen_trials: dict[str, list[dict]], hits: dict[str, dict], se
 
 # %% ../../nbs/speech/02_encoder.ipynb #7bcfaed1
 MODE_PAIRS = [("lora", "frozen"), ("full", "frozen"), ("lora", "full")]
+SAME_PAIRS = [("lora", "full")]   # the pairs whose question is sameness: tested for equivalence at a margin
 
-def mode_comparisons(hits: dict[str, dict], results: dict[str, dict], seeds: list, pairs=MODE_PAIRS) -> dict:
-    "Per pair of `pairs` present: the paired difference over seeds and test clips, McNemar's test and a verdict."
-    modes = list(hits)
-    groups = [s for s in seeds for _ in hits[modes[0]][s]]   # each test clip's seed
-    flat = {m: [h for s in seeds for h in hits[m][s]] for m in modes}
-    comparisons = {}
-    for a, b in [(a, b) for a, b in pairs if a in flat and b in flat]:
-        cmp = paired_bootstrap(flat[a], flat[b], groups=groups)
-        per_seed = [x - y for x, y in zip(results[a]["test_acc_per_seed"], results[b]["test_acc_per_seed"])]
-        comparisons[f"{a} vs {b}"] = {**cmp, "mcnemar": mcnemar(flat[a], flat[b]), "verdict": verdict(cmp),
-                                      "text": compare_text(a, b, cmp), "per_seed": mean_ci(per_seed)}
-    return comparisons
+def mode_comparisons(hits: dict[str, dict], seeds: list, pairs=MODE_PAIRS, margin: float | None = None,
+                     same=SAME_PAIRS) -> dict:
+    "Per pair of `pairs` present: the paired test over seeds (TOST at `margin` for `same`), Holm-corrected, verdict."
+    groups = [s for s in seeds for _ in hits[next(iter(hits))][s]]   # each test clip's seed
+    flat = {m: [h for s in seeds for h in hits[m][s]] for m in hits}
+    present = [(a, b) for a, b in pairs if a in flat and b in flat]
+    cmps = correct_family([paired_test(flat[a], flat[b], groups, margin=margin if (a, b) in same else None)
+                           for a, b in present])
+    return {f"{a} vs {b}": {**c, "verdict": verdict(c), "text": compare_text(a, b, c)}
+            for (a, b), c in zip(present, cmps)}
 
 # %% ../../nbs/speech/02_encoder.ipynb #92e809a4
 def plot_speech_modes(results: dict, trials: list[dict], comparisons: dict, grid: list, chance: float,
@@ -455,7 +456,7 @@ def plot_speech_modes(results: dict, trials: list[dict], comparisons: dict, grid
     for n in names:
         val = [np.mean([t["val_acc"] for t in trials if t["mode"] == n and t["lr"] == lr]) for lr in grid]
         axs[0, 1].plot(grid, val, marker="o", label=n, color=colors.get(n))
-    axs[0, 1].set(xscale="log" if trained else "linear", xlabel="learning rate",
+    axs[0, 1].set(xscale="log" if trained else "linear", xlabel="learning rate", ylim=(0, 1),
                   title=("validation accuracy (best epoch) by learning rate" if trained else
                          "validation accuracy, untrained"))
     axs[0, 1].legend(fontsize=8)
@@ -488,8 +489,8 @@ def speech_conclusion(results: dict, comparisons: dict, n_test: int, n_labels: i
     ranked = sorted(results, key=lambda n: -results[n]["test_acc"]["mean"])
     text = (f"Over {n_seeds} seed{'s' * (n_seeds > 1)}, each scored on {n_test} test clips from voices never "
             f"heard in training or selection ({n_labels} words, chance {chance:.2f}), test accuracy (mean, 95% "
-            "interval "
-            "over seeds) is: " + ", ".join(f"{n} {fmt_ci(results[n]['test_acc'])}" for n in ranked)
+            + ("interval over seeds" if n_seeds > 1 else "Wilson interval over test clips") + ") is: "
+            + ", ".join(f"{n} {fmt_ci(results[n]['test_acc'])}" for n in ranked)
             + (f". Each mode's learning rate was chosen per seed on the validation voices from {format_lrs(lrs)}: "
                + "; ".join(f"{n} {format_lrs(results[n]['lr_per_seed'])}" for n in results) + "." if epochs else
                ". Nothing was trained (epochs 0): each mode is the model as loaded with LoRA adapters that start as "
@@ -504,31 +505,28 @@ def speech_conclusion(results: dict, comparisons: dict, n_test: int, n_labels: i
         ratio = results["full"]["trainable_params"] / results["lora"]["trainable_params"]
         text += f" Full fine-tuning trains {ratio:.1f}x as many parameters as LoRA."
     if comparisons:
-        text += " Paired over seeds and test clips: " + "; ".join(
-            f"{c['text']}, McNemar p={c['mcnemar']['p']:.2g}" for c in comparisons.values()) + "."
+        text += (f" Paired tests (Holm-corrected over the {len(comparisons)} comparison"
+                 f"{'s' * (len(comparisons) > 1)}): " + "; ".join(c["text"] for c in comparisons.values()) + ".")
     if n_seeds == 1:
         text += " With one seed there is no interval over seeds, and the paired tests cover test clips only."
-    excludes_zero = [k for k, c in comparisons.items() if c["per_seed"]["lo"] > 0 or c["per_seed"]["hi"] < 0]
-    if n_seeds > 1 and comparisons:
-        which = (f"it excludes zero for {', '.join(excludes_zero)} only" if excludes_zero else
-                 "no interval excludes zero")
-        text += f" Taking only the {n_seeds} per-seed differences as samples (a wider interval), {which}."
     return text
 
 # %% ../../nbs/speech/02_encoder.ipynb #74b4556b
-def claim_status(verdict: str) -> str:
-    "What the paired `verdict` of 'a vs b' makes of an earlier claim 'a beats b': holds, reversed or not surviving."
-    return {"beats": "holds", "loses to": "is reversed"}.get(verdict, "does not survive (no difference measured)")
+def claim_status(verdict: str, margin: float | None = None) -> str:
+    "What the paired `verdict` of 'a vs b' makes of an earlier claim 'a beats b': holds, reversed, refuted or open."
+    if verdict == "equivalent": return f"does not survive (equivalent within ±{margin:g})"
+    return {"beats": "holds", "loses to": "is reversed"}.get(verdict, "is not established (inconclusive)")
 
 # %% ../../nbs/speech/02_encoder.ipynb #f4808248
 def earlier_claims(earlier: dict, earlier_lrs: dict, results: dict, comparisons: dict, pairs=MODE_PAIRS) -> str:
     "Which earlier claims 'a beats b' (accuracies `earlier` at `earlier_lrs`) survive, and where those accuracies fall."
     then = lambda a, b: f"then {earlier[a]:.4f} vs {earlier[b]:.4f} at lr {earlier_lrs[a]:g} vs {earlier_lrs[b]:g}"
-    claims = [f"'{a} beats {b}' ({then(a, b)}) {claim_status(comparisons[f'{a} vs {b}']['verdict'])}"
+    status = lambda c: claim_status(c["verdict"], c.get("margin"))
+    claims = [f"'{a} beats {b}' ({then(a, b)}) {status(comparisons[f'{a} vs {b}'])}"
               for a, b in pairs if f"{a} vs {b}" in comparisons]
     within = lambda x, ci: "inside" if ci["lo"] <= x <= ci["hi"] else "outside"
     inside = [f"{n} {earlier[n]:.4f} {within(earlier[n], r['test_acc'])}"
-              for n, r in results.items() if n in earlier and r["test_acc"]["n"] > 1]
+              for n, r in results.items() if n in earlier and np.isfinite(r["test_acc"]["lo"])]
     text = "Earlier claims: " + "; ".join(claims) + "." if claims else "No earlier claim is compared in this run."
     if inside: text += " The earlier single-seed accuracies against the new intervals: " + ", ".join(inside) + "."
     return text
