@@ -23,7 +23,8 @@ N, T, TEXT = 153, 144, 9
 # per token per layer per sample: 2 kv heads x head_dim 16 x 4 bytes (float32) x 2 (key and value)
 BYTES_PER_TOKEN = 2 * 16 * 4 * 2
 # the compared methods' labels, the experiment's order (FastV at K = 2), and the unpruned model's
-LABELS = ["learned", "fastv_k2", "visionzip", "sparsevlm", "cls", "random", "pool"]
+LABELS = ["learned", "fastv_k2", "fastv_k2_reprune", "visionzip", "sparsevlm", "cls", "random", "pool", "random_lm_k2"]
+AT_025 = [x for x in LABELS if x != "sparsevlm"]     # SparseVLM's layer average cannot reach 0.25 here
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,12 @@ def test_kv_bytes_by_hand_fastv_and_none(tiny):
     assert full.kv_bytes == 2 * 8 * 153 * BYTES_PER_TOKEN == 626_688
 
 
-# image tokens kept at 0.25: round(0.25 * 144) = 36 (pool: a 6 x 6 grid); SparseVLM 91, 57, 36 after layers 2, 4, 6
+# image tokens kept at 0.25: round(0.25 * 144) = 36 (pool: a 6 x 6 grid); FastV, its re-pruning original and its
+# random control: all 153 in layers 1-2, then 36 image tokens; SparseVLM at 0.5 (its layers average 72 image tokens)
+FASTV = [N] * 2 + [TEXT + 36] * 6
 EXPECTED_TOKENS = {"none": [N] * 8, "random": [TEXT + 36] * 8, "cls": [TEXT + 36] * 8, "pool": [TEXT + 36] * 8,
-                   "learned": [TEXT + 36] * 8, "visionzip": [TEXT + 36] * 8, "fastv_k2": [N] * 2 + [TEXT + 36] * 6,
-                   "sparsevlm": [N, N, TEXT + 91, TEXT + 91, TEXT + 57, TEXT + 57, TEXT + 36, TEXT + 36]}
+                   "learned": [TEXT + 36] * 8, "visionzip": [TEXT + 36] * 8, "fastv_k2": FASTV,
+                   "fastv_k2_reprune": FASTV, "random_lm_k2": FASTV}
 FIELDS = {"method", "keep_ratio", "batch", "prompt_tokens", "image_tokens", "kept_image_tokens", "layer_tokens",
           "flops", "new_tokens", "reps", "kv_bytes", "kv_tokens", "ttft_s", "ttft_ci", "ttft_times_s", "decode_s",
           "decode_ci", "decode_times_s", "latency_s", "latency_ci", "latency_times_s"}
@@ -61,17 +64,23 @@ FIELDS = {"method", "keep_ratio", "batch", "prompt_tokens", "image_tokens", "kep
 @pytest.mark.parametrize("label", ["none", *LABELS])
 def test_every_method_end_to_end_batch2(tiny, label):
     m, batch, methods = tiny
-    c = method_cost(m, batch, methods[label], 0.25, new_tokens=3, reps=2, warmup=0)
+    r = 0.5 if label == "sparsevlm" else 0.25
+    c = method_cost(m, batch, methods[label], r, new_tokens=3, reps=2, warmup=0)
     assert FIELDS <= set(c) and c["method"] == label
-    assert c["kv_tokens"] == c["layer_tokens"] == EXPECTED_TOKENS[label]
-    assert c["kv_bytes"] == 2 * sum(EXPECTED_TOKENS[label]) * BYTES_PER_TOKEN
-    assert c["kept_image_tokens"] == (T if label == "none" else 36)
+    if label == "sparsevlm":                     # the paper's budget: image tokens averaged over the 8 layers
+        assert c["kv_tokens"] == c["layer_tokens"] and abs(sum(x - TEXT for x in c["layer_tokens"]) / 8 - 72) <= 0.5
+    elif label == "fastv_k2_reprune":            # re-prunes at every forward: no cache held at all
+        assert c["layer_tokens"] == EXPECTED_TOKENS[label] and c["kv_bytes"] == 0
+    else:
+        assert c["kv_tokens"] == c["layer_tokens"] == EXPECTED_TOKENS[label]
+        assert c["kv_bytes"] == 2 * sum(EXPECTED_TOKENS[label]) * BYTES_PER_TOKEN
+        assert c["kept_image_tokens"] == (T if label == "none" else 36)
     assert (c["batch"], c["prompt_tokens"], c["image_tokens"], c["reps"]) == (2, N, T, 2)
     assert len(c["ttft_times_s"]) == len(c["decode_times_s"]) == 2
     assert all(x > 0 for x in c["ttft_times_s"] + c["decode_times_s"] + c["latency_times_s"])
     f = c["flops"]
     assert f["total"] == f["vision"] + f["scoring"] + f["prefill"] and f["decode_step"] > 0
-    assert (f["scoring"] == 0) == (label in ("none", "random", "pool"))
+    assert (f["scoring"] == 0) == (label in ("none", "random", "pool", "random_lm_k2"))
 
 
 @pytest.mark.parametrize("call,msg", [
@@ -105,8 +114,8 @@ def test_benchmark_script_tiny(tmp_path):
     assert set(p) == {"settings", "headline", "rows"}
     assert p["settings"]["keep_ratios"] == [0.25] and p["settings"]["batches"] == [2]
     assert p["settings"]["methods"] == ["none", *LABELS]
-    assert len(p["rows"]) == 8                                    # the baseline + 7 methods at keep 0.25
-    assert set(p["headline"]["batch_2"]) == {"none", *LABELS}
+    assert len(p["rows"]) == 1 + len(AT_025)                      # the baseline + each method reaching keep 0.25
+    assert set(p["headline"]["batch_2"]) == {"none", *AT_025}
     h = p["headline"]["batch_2"]
     assert h["none"]["1"]["ttft_ratio"] == 1.0 and h["none"]["1"]["kv_bytes"] == 626_688
     assert h["fastv_k2"]["0.25"]["kv_bytes"] == 2 * (2 * N + 6 * (TEXT + 36)) * BYTES_PER_TOKEN
@@ -119,7 +128,7 @@ def test_benchmark_methods_from_the_registry(tmp_path, capsys):
     bench = load_bench()
     m = load_model("tiny-llava-deep", device="cpu")
     assert [x.label for x in bench.bench_methods("none,fastv,cls,keep_all", m, fastv_k=3)] == \
-        ["fastv_k3", "cls", "keep_all"]
+        ["fastv_k3", "fastv_k3_reprune", "cls", "keep_all"]
     assert [x.label for x in bench.bench_methods("all,cls", m)] == LABELS             # no case twice
     assert bench.bench_methods("learned", m)[0].scorer is not None                      # an untrained TokenScorer
     with pytest.raises(SystemExit):

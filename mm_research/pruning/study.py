@@ -289,7 +289,8 @@ def pruning_conclusion(acc: dict, matched_rows: list[dict], matched_cmp: list[di
             f"against ±{margin:g} (fixed before the run). ")
     reached = [r for r in matched_rows if r["keep_ratio"] is not None]
     if not reached: return text + "No compared pruning method ran in this run (a harness check): nothing to conclude. "
-    best = {b: max((r for r in reached if r["budget"] == b), key=lambda r: r["accuracy"]["mean"]) for b in budgets}
+    best = {b: max((r for r in reached if r["budget"] == b), key=lambda r: r["accuracy"]["mean"])
+            for b in budgets if any(r["budget"] == b for r in reached)}
     text += ("**At equal cost** (each method keeps what a budget of its analytic FLOPs to the first token buys): "
              "highest mean " + "; ".join(f"at {b:g}: {r['method']} ({fmt_ci(r['accuracy'])}, {r['tokens']} tokens)"
                                          for b, r in best.items()) + ". ")
