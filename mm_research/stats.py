@@ -64,10 +64,10 @@ def mcnemar(a, b) -> dict:
     return dict(a_only=a_only, b_only=b_only, p=float(p))
 
 # %% ../nbs/00a_stats.ipynb #15cb85c5
-def _seed_t(d: np.ndarray, level: float, margin: float | None) -> dict:
-    "Student-t over per-seed differences `d`: mean, intervals at `level` and 90%, p, and the TOST p at `margin`."
+def _seed_t(d: np.ndarray, level: float, margin: float | None, se_floor: float = 0.0) -> dict:
+    "Student-t over per-seed differences `d` (standard error at least `se_floor`): mean, intervals, p, TOST p."
     m, S = float(d.mean()), d.size
-    se = float(d.std(ddof=1) / math.sqrt(S))
+    se = max(float(d.std(ddof=1) / math.sqrt(S)), se_floor)
     if se == 0:
         p = 1.0 if m == 0 else 0.0
         out = dict(diff=m, lo=m, hi=m, lo90=m, hi90=m, p=p)
@@ -105,7 +105,9 @@ def paired_test(a, b, groups=None, level: float = 0.95, margin: float | None = N
     groups = np.zeros(a.size, dtype=int) if groups is None else np.asarray(list(groups))
     seeds = list(dict.fromkeys(groups.tolist()))
     per_seed = [float((a - b)[groups == s].mean()) for s in seeds]
-    if len(seeds) > 1 and np.std(per_seed) > 0: out = dict(_seed_t(np.array(per_seed), level, margin), test="seeds")
+    if len(seeds) > 1 and (a != b).any():     # no spread between seeds: the items' standard error is the floor
+        floor = 0.0 if np.std(per_seed) > 0 else float(np.std(a - b, ddof=1) / math.sqrt(a.size))
+        out = dict(_seed_t(np.array(per_seed), level, margin, floor), test="seeds")
     else: out = _item_test(a - b, groups, level, margin, n_boot, seed)
     if bounds is not None:
         for key in ("lo", "hi", "lo90", "hi90"): out[key] = min(max(out[key], bounds[0]), bounds[1])
@@ -125,10 +127,11 @@ def holm(pvalues) -> list[float]:
 
 # %% ../nbs/00a_stats.ipynb #ec0fa2ab
 def correct_family(cmps: list[dict]) -> list[dict]:
-    "`cmps` (paired tests of one table) with Holm-adjusted `p_holm` and, where tested, `p_equiv_holm`."
-    out = [dict(c, p_holm=p, family=len(cmps)) for c, p in zip(cmps, holm([c["p"] for c in cmps]))]
-    eq = [i for i, c in enumerate(out) if c.get("p_equiv") is not None]
-    for i, p in zip(eq, holm([out[i]["p_equiv"] for i in eq])): out[i]["p_equiv_holm"] = p
+    "`cmps` (paired tests of one table) with `p_holm` and `p_equiv_holm`: Holm over every difference and equivalence."
+    eq = [i for i, c in enumerate(cmps) if c.get("p_equiv") is not None]
+    adj = holm([c["p"] for c in cmps] + [cmps[i]["p_equiv"] for i in eq])
+    out = [dict(c, p_holm=p, family=len(adj)) for c, p in zip(cmps, adj)]
+    for i, p in zip(eq, adj[len(cmps):]): out[i]["p_equiv_holm"] = p
     return out
 
 

@@ -252,10 +252,12 @@ def paired_rows(hits_by_seed: list[dict], pairs: list[dict], metric: str = "exac
 
 # %% ../../nbs/pruning/06_evaluate.ipynb #4480ce33
 def compare_pruners(hits_by_seed: list[dict], setting: str, method: str = "learned", others=("cls", "random"),
-                    metric: str = "exact", margin: float | None = None, n_boot: int = 2000) -> list[dict]:
-    "Per keep ratio below 1 and other pruner: accuracies, the seed-level paired test (Holm over the table), verdict."
+                    metric: str = "exact", margin: float | None = None, n_boot: int = 2000,
+                    keep_ratios=None) -> list[dict]:
+    "Per keep ratio below 1 (of `keep_ratios`, else all) and other pruner: the seed-level paired test, Holm, verdict."
     first = hits_by_seed if isinstance(hits_by_seed, dict) else hits_by_seed[0]
-    ratios = sorted({k[2] for k in first if k != "baseline" and k[:2] == (setting, method)}, reverse=True)
+    ratios = sorted({k[2] for k in first if k != "baseline" and k[:2] == (setting, method)
+                     and (keep_ratios is None or k[2] in keep_ratios)}, reverse=True)
     pairs = [dict(keep=r, method=method, other=o, a=(setting, method, r), b=(setting, o, r))
              for r, o in itertools.product(ratios, others) if r != 1 and (setting, o, r) in first]
     return paired_rows(hits_by_seed, pairs, metric, margin, n_boot)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 
 # %% auto #0
-__all__ = ['flops_fraction', 'kv_fraction', 'keep_for_budget', 'matched_plan', 'plan_ratios', 'matched_pairs', 'matched_rows',
-           'matched_table', 'matched_figure']
+__all__ = ['flops_fraction', 'kv_fraction', 'decode_fraction', 'keep_for_budget', 'matched_plan', 'plan_ratios', 'matched_pairs',
+           'matched_rows', 'matched_table', 'matched_figure']
 
 # %% ../../nbs/pruning/08a_matched.ipynb #42c203b7
 import math
@@ -32,6 +32,13 @@ def kv_fraction(model, batch: dict, method: PruningMethod, keep_ratio: float) ->
     n, T = batch["input_ids"].shape[1], image_token_count(model, batch["input_ids"])
     L = model.config.text_config.num_hidden_layers
     return sum(layer_tokens(method, n, T, keep_ratio, L)) / (n * L)
+
+
+# %% ../../nbs/pruning/08a_matched.ipynb #200fb42a
+def decode_fraction(model, batch: dict, method: PruningMethod, keep_ratio: float) -> float:
+    "Analytic FLOPs of one decoding step of `method` at `keep_ratio`, over the unpruned model's (with its KV cache)."
+    step = lambda m, r: path_flops(model, batch, m, r)["decode_step"]
+    return step(method, keep_ratio) / step(None, 1.0)
 
 
 # %% ../../nbs/pruning/08a_matched.ipynb #14aeb724
@@ -72,15 +79,17 @@ def matched_pairs(plan: dict, setting: str, method: str = "learned") -> list[dic
 # %% ../../nbs/pruning/08a_matched.ipynb #234267e6
 def matched_rows(model, batch: dict, methods: list[PruningMethod], plan: dict, acc: dict, setting: str,
                  metric: str = "exact") -> list[dict]:
-    "The table at matched FLOPs: per budget and method, keep ratio, tokens, FLOPs and KV fractions, accuracy."
+    "The table at matched FLOPs: per budget and method, ratio, tokens held, FLOPs, KV and decode fractions, accuracy."
     T, rows = image_token_count(model, batch["input_ids"]), []
     for b in next(iter(plan.values()), {}):
         for m in methods:
             r = plan[m.label][b]
-            cell = dict(budget=b, method=m.label, keep_ratio=r, tokens=None if r is None else keep_count(T, r))
+            cell = dict(budget=b, method=m.label, keep_ratio=r, tokens=None)
             if r is not None:
-                cell |= dict(flops=flops_fraction(model, batch, m, r), kv=kv_fraction(model, batch, m, r),
-                             accuracy=acc[setting][m.label][str(r)][metric])
+                n, L = batch["input_ids"].shape[1], model.config.text_config.num_hidden_layers
+                cell |= dict(tokens=layer_tokens(m, n, T, r, L)[-1] - n + T,        # what the last layer holds
+                             flops=flops_fraction(model, batch, m, r), kv=kv_fraction(model, batch, m, r),
+                             decode=decode_fraction(model, batch, m, r), accuracy=acc[setting][m.label][str(r)][metric])
             rows.append(cell)
     return rows
 
@@ -93,6 +102,7 @@ def matched_table(rows: list[dict]) -> list[dict]:
                  f"{r['keep_ratio']:.3f} ({r['tokens']} tok)",
                  flops="" if r["keep_ratio"] is None else f"{r['flops']:.3f}",
                  kv="" if r["keep_ratio"] is None else f"{r['kv']:.3f}",
+                 decode="" if r["keep_ratio"] is None else f"{r['decode']:.3f}",
                  accuracy="" if r["keep_ratio"] is None else fmt(r["accuracy"])) for r in rows]
 
 

@@ -261,7 +261,7 @@ def mean_image_tokens(n_image: int, layers: Sequence[int], held: Sequence[int], 
 # %% ../../nbs/pruning/03_sparsevlm.ipynb #62f8bf6d
 def sparsevlm_average_schedule(n_image: int, keep_ratio: float, n_layers: int, layers: Sequence[int] = (2, 4, 6),
                                recycle: bool = True) -> tuple[list[int], list[int]]:
-    "Cuts and counts kept (geometric; on a tie the larger) whose image tokens per layer average keep_count(T, r)."
+    "Cuts and counts kept (geometric), the largest whose image tokens per layer average at most keep_count(T, r)."
     layers, target, m = list(layers), keep_count(n_image, keep_ratio), len(layers)
     if not all(1 <= a < b for a, b in zip(layers, layers[1:] + [n_layers])):
         raise ValueError(f"layers {layers} must increase within [1, {n_layers - 1}] (the LM has {n_layers} layers).")
@@ -275,7 +275,7 @@ def sparsevlm_average_schedule(n_image: int, keep_ratio: float, n_layers: int, l
         lowest += 1e-4 * (keep_count(n_image, lowest) < need)
         raise ValueError(f"keep_ratio {keep_ratio} asks {target} image tokens per layer on average, but cuts after "
                          f"layers {layers} of {n_layers} hold at least {min(means):.2f}: use keep_ratio >= {lowest}.")
-    return layers, shapes[min(range(n_image), key=lambda i: (abs(means[i] - target), -i))]
+    return layers, shapes[max(i for i in range(n_image) if means[i] <= target)]     # never more than the budget
 
 
 # %% ../../nbs/pruning/03_sparsevlm.ipynb #cbc15de7

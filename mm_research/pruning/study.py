@@ -153,8 +153,9 @@ def study_chance(data: dict) -> float:
 
 
 # %% ../../nbs/pruning/09_study.ipynb #9aebfa93
-def run_seed(cfg, seed: int, processor, plan, candidates: dict, device, run_dir, trains: bool) -> dict:
-    "One seed end to end: data, base and scorer, the FLOPs-matched ratios, every method's hits and their rates."
+def run_seed(cfg, seed: int, processor, plan, candidates: dict, device, run_dir, trains: bool,
+             matched: dict | None = None) -> dict:
+    "One seed end to end: data, base and scorer, FLOPs-matched ratios (the first seed's: `matched`), hits, rates."
     root, data, leaks = study_data(cfg, seed, processor, trains)
     base, base_record = study_base(cfg, seed, data, processor, device)
     wants_scorer = "learned" in plan.labels
@@ -162,7 +163,7 @@ def run_seed(cfg, seed: int, processor, plan, candidates: dict, device, run_dir,
     t0 = time.perf_counter()
     methods = experiment_methods(cfg.pruner, list(cfg.fastv_ks), cfg.ablations, scorer)
     one = first_rows(data["test"], 1, device)
-    matched = matched_plan(base, one, [m for m in methods if m.compared], plan.budgets)
+    matched = matched or matched_plan(base, one, [m for m in methods if m.compared], plan.budgets)
     ratios = sweep_ratios(methods, plan.keep_ratios, matched, image_token_count(base, one["input_ids"]),
                           base.config.text_config.num_hidden_layers)
     hits = sweep_hits(base, data["test"], methods, ratios, plan.settings, candidates, batch_size=64, seed=seed)
@@ -281,21 +282,26 @@ def pruning_conclusion(acc: dict, matched_rows: list[dict], matched_cmp: list[di
                        margin: float) -> str:
     "The accuracy conclusion of the pruning experiment, from its Holm-corrected seed-level tests."
     base_acc, budgets = acc["baseline"]["exact"], list(dict.fromkeys(r["budget"] for r in matched_rows))
+    over = (f"a paired Student t over the {len(seeds)} seeds' mean differences (so it carries the variance of the "
+            "trained models as well as the questions'; where the seeds' differences do not vary, the questions' "
+            "standard error is its floor)" if len(seeds) > 1 else
+            "over the test questions of the one seed (no seed variance measured: a rerun may differ more)")
     text = (f"On {acc['baseline']['n']} VQA test questions ({len(seeds)} seed(s), each with its own data, base and "
             f"scorer; {n_tokens} image tokens, {n_layers} LM layers), the unpruned base answers {fmt_ci(base_acc)} "
             f"(the most frequent training answer per question type scores {chance['mean']:.3f} on the test split). "
-            f"Every verdict below is a paired test over the seeds' mean differences (Student t, which carries seed "
-            f"and question variance), Holm-corrected within its table; *equivalent* needs the equivalence test "
-            f"against ±{margin:g} (fixed before the run). ")
+            f"Every verdict below is {over}, Holm-corrected over every claim of its table; *equivalent* needs the "
+            f"equivalence test against ±{margin:g} (fixed before the run), else a difference not established is "
+            f"*inconclusive*. ")
     reached = [r for r in matched_rows if r["keep_ratio"] is not None]
     if not reached: return text + "No compared pruning method ran in this run (a harness check): nothing to conclude. "
     best = {b: max((r for r in reached if r["budget"] == b), key=lambda r: r["accuracy"]["mean"])
             for b in budgets if any(r["budget"] == b for r in reached)}
-    text += ("**At equal cost** (each method keeps what a budget of its analytic FLOPs to the first token buys): "
-             "highest mean " + "; ".join(f"at {b:g}: {r['method']} ({fmt_ci(r['accuracy'])}, {r['tokens']} tokens)"
-                                         for b, r in best.items()) + ". ")
+    best_text = "; ".join(f"at {b:g}: {r['method']} ({fmt_ci(r['accuracy'])}, {r['tokens']} tokens)"
+                          for b, r in best.items())
+    text += ("**At equal cost** (each method keeps what a budget of its analytic FLOPs to the first token buys), "
+             f"the highest mean (a point estimate, not a test: the verdicts follow) {best_text}. ")
     out = [f"{r['method']} at {r['budget']:g}" for r in matched_rows if r["keep_ratio"] is None]
-    if out: text += "Out of reach (their fixed part alone costs more): " + ", ".join(out) + ". "
+    if out: text += "Out of reach (what they cannot prune costs more than the budget): " + ", ".join(out) + ". "
     if matched_cmp:
         text += "The learned pruner against each method at each budget: " + verdict_tally(matched_cmp, n_tokens) + ". "
     if control_cmp:
