@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['flops_fraction', 'kv_fraction', 'decode_fraction', 'keep_for_budget', 'matched_plan', 'plan_ratios', 'matched_pairs',
-           'matched_rows', 'matched_table', 'matched_figure']
+           'matched_rows', 'with_latency', 'matched_table', 'matched_figure']
 
 # %% ../../nbs/pruning/08a_matched.ipynb #42c203b7
 import math
@@ -94,15 +94,23 @@ def matched_rows(model, batch: dict, methods: list[PruningMethod], plan: dict, a
     return rows
 
 
+# %% ../../nbs/pruning/08a_matched.ipynb #508298d8
+def with_latency(rows: list[dict], costs: list[dict], batch: int) -> list[dict]:
+    "`matched_rows` with each reached row's measured latency over the unpruned model's (`cost_table` at `batch`)."
+    lat = {(c["method"], c["keep_ratio"]): c["latency_ratio"] for c in costs if c["batch"] == batch}
+    return [r if r["keep_ratio"] is None else dict(r, latency=lat.get((r["method"], r["keep_ratio"]))) for r in rows]
+
+
 # %% ../../nbs/pruning/08a_matched.ipynb #7e931dcf
 def matched_table(rows: list[dict]) -> list[dict]:
-    "`matched_rows` as printable rows: accuracy with its interval, fractions to 3 places, 'out of reach' where so."
+    "`matched_rows` as printable rows: accuracy with its interval, fractions and measured latency, 'out of reach'."
     fmt = lambda v: fmt_ci(v) if isinstance(v, dict) else f"{v:.3f}"
     return [dict(budget=r["budget"], method=r["method"], keep="out of reach" if r["keep_ratio"] is None else
                  f"{r['keep_ratio']:.3f} ({r['tokens']} tok)",
                  flops="" if r["keep_ratio"] is None else f"{r['flops']:.3f}",
                  kv="" if r["keep_ratio"] is None else f"{r['kv']:.3f}",
                  decode="" if r["keep_ratio"] is None else f"{r['decode']:.3f}",
+                 latency="" if r.get("latency") is None else f"{r['latency']:.3f}",
                  accuracy="" if r["keep_ratio"] is None else fmt(r["accuracy"])) for r in rows]
 
 
