@@ -120,7 +120,8 @@ def matched_figure(model, batch: dict, methods: list[PruningMethod], acc: dict, 
     "Figure: accuracy (mean, 95% CI) against the FLOPs fraction spent, per method, the budgets marked."
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for m in methods:
-        pts = sorted((flops_fraction(model, batch, m, float(r)), v[metric]) for r, v in acc[setting][m.label].items())
+        pts = sorted(((flops_fraction(model, batch, m, float(r)), v[metric]) for r, v in acc[setting][m.label].items()),
+                     key=lambda p: p[0])                                   # two ratios may keep the same tokens
         y = [v["mean"] if isinstance(v, dict) else v for _, v in pts]
         err = [[y_ - v.get("lo", y_), v.get("hi", y_) - y_] if isinstance(v, dict) else [0, 0]
                for y_, (_, v) in zip(y, pts)]
