@@ -54,8 +54,7 @@ class RandomLM(PruningMethod):
         return FastV(self.k).layer_tokens(n_tokens, n_image, keep_ratio, n_layers)
 
     def select(self, model, batch, vp, keep_ratio, generator=None, scores=None):   # a random keep set, for figures
-        k = keep_count(vp.embeds.shape[1], keep_ratio)
-        return topk_selection(vp.embeds, random_scores(vp.embeds.shape[:2], generator, vp.embeds.device), k)
+        return Random().select(model, batch, vp, keep_ratio, generator)
 
 # %% ../../nbs/pruning/04a_baselines.ipynb #26b7c859
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ __all__ = ['flops_fraction', 'kv_fraction', 'decode_fraction', 'keep_for_budget'
            'matched_rows', 'with_latency', 'matched_table', 'matched_figure']
 
 # %% ../../nbs/pruning/08a_matched.ipynb #42c203b7
-import math
 import matplotlib.pyplot as plt
 from ..llava.features import image_token_count
 from .base import PruningMethod, check_methods, keep_count
 from .cost import layer_tokens, path_flops
-from ..stats import fmt_ci
+from ..stats import fmt_ci, interval_errors
 
 
 # %% ../../nbs/pruning/08a_matched.ipynb #62738681
@@ -41,22 +40,36 @@ def decode_fraction(model, batch: dict, method: PruningMethod, keep_ratio: float
     return step(method, keep_ratio) / step(None, 1.0)
 
 
+# %% ../../nbs/pruning/08a_matched.ipynb #020a2937
+def _fractions(model, batch: dict, method: PruningMethod) -> list[tuple[float, float]]:
+    "(keep ratio k/T, FLOPs fraction) for every token count k that `method` can reach, the unpruned cost counted once."
+    T, L = image_token_count(model, batch["input_ids"]), model.config.text_config.num_hidden_layers
+    full = path_flops(model, batch, None, 1.0)["total"]
+    return [(k / T, path_flops(model, batch, method, k / T)["total"] / full) for k in range(1, T + 1)
+            if method.reachable(T, k / T, L)]
+
+def _ratio_within(fractions: list[tuple[float, float]], budget: float) -> float | None:
+    "The largest keep ratio of `fractions` whose FLOPs fraction is at most `budget` (None: out of reach)."
+    if not 0 < budget <= 1:
+        raise ValueError(f"A FLOPs budget must be in (0, 1] of the unpruned model's, got {budget!r}.")
+    return max((r for r, f in fractions if f <= budget + 1e-12), default=None)
+
+
 # %% ../../nbs/pruning/08a_matched.ipynb #14aeb724
 def keep_for_budget(model, batch: dict, method: PruningMethod, budget: float) -> float | None:
     "The largest keep ratio k/T of `method` whose FLOPs fraction is at most `budget` (None: out of reach)."
     if not 0 < budget <= 1:
         raise ValueError(f"A FLOPs budget must be in (0, 1] of the unpruned model's, got {budget!r}.")
-    T, L = image_token_count(model, batch["input_ids"]), model.config.text_config.num_hidden_layers
-    ok = [k / T for k in range(1, T + 1)
-          if method.reachable(T, k / T, L) and flops_fraction(model, batch, method, k / T) <= budget + 1e-12]
-    return max(ok) if ok else None
+    return _ratio_within(_fractions(model, batch, method), budget)
 
 
 # %% ../../nbs/pruning/08a_matched.ipynb #78fb9ad7
 def matched_plan(model, batch: dict, methods: list[PruningMethod], budgets) -> dict:
     "`{label: {budget: keep ratio or None}}`: what each method keeps within each FLOPs budget."
-    budgets = [float(b) for b in budgets]
-    return {m.label: {b: keep_for_budget(model, batch, m, b) for b in budgets} for m in check_methods(methods)}
+    budgets, methods = [float(b) for b in budgets], check_methods(methods)
+    for b in budgets: _ratio_within([], b)                               # a budget outside (0, 1] stops here
+    fractions = {m.label: _fractions(model, batch, m) for m in methods}  # every token count's cost, once per method
+    return {label: {b: _ratio_within(f, b) for b in budgets} for label, f in fractions.items()}
 
 
 # %% ../../nbs/pruning/08a_matched.ipynb #6127b3c6
@@ -81,12 +94,12 @@ def matched_rows(model, batch: dict, methods: list[PruningMethod], plan: dict, a
                  metric: str = "exact") -> list[dict]:
     "The table at matched FLOPs: per budget and method, ratio, tokens held, FLOPs, KV and decode fractions, accuracy."
     T, rows = image_token_count(model, batch["input_ids"]), []
+    n, L = batch["input_ids"].shape[1], model.config.text_config.num_hidden_layers
     for b in next(iter(plan.values()), {}):
         for m in methods:
             r = plan[m.label][b]
             cell = dict(budget=b, method=m.label, keep_ratio=r, tokens=None)
             if r is not None:
-                n, L = batch["input_ids"].shape[1], model.config.text_config.num_hidden_layers
                 cell |= dict(tokens=layer_tokens(m, n, T, r, L)[-1] - n + T,        # what the last layer holds
                              flops=flops_fraction(model, batch, m, r), kv=kv_fraction(model, batch, m, r),
                              decode=decode_fraction(model, batch, m, r), accuracy=acc[setting][m.label][str(r)][metric])
@@ -104,14 +117,10 @@ def with_latency(rows: list[dict], costs: list[dict], batch: int) -> list[dict]:
 # %% ../../nbs/pruning/08a_matched.ipynb #7e931dcf
 def matched_table(rows: list[dict]) -> list[dict]:
     "`matched_rows` as printable rows: accuracy with its interval, fractions and measured latency, 'out of reach'."
-    fmt = lambda v: fmt_ci(v) if isinstance(v, dict) else f"{v:.3f}"
-    return [dict(budget=r["budget"], method=r["method"], keep="out of reach" if r["keep_ratio"] is None else
-                 f"{r['keep_ratio']:.3f} ({r['tokens']} tok)",
-                 flops="" if r["keep_ratio"] is None else f"{r['flops']:.3f}",
-                 kv="" if r["keep_ratio"] is None else f"{r['kv']:.3f}",
-                 decode="" if r["keep_ratio"] is None else f"{r['decode']:.3f}",
-                 latency="" if r.get("latency") is None else f"{r['latency']:.3f}",
-                 accuracy="" if r["keep_ratio"] is None else fmt(r["accuracy"])) for r in rows]
+    num = lambda v: "" if v is None else fmt_ci(v) if isinstance(v, dict) else f"{v:.3f}"
+    keep = lambda r: "out of reach" if r["keep_ratio"] is None else f"{r['keep_ratio']:.3f} ({r['tokens']} tok)"
+    return [dict(budget=r["budget"], method=r["method"], keep=keep(r),
+                 **{k: num(r.get(k)) for k in ("flops", "kv", "decode", "latency", "accuracy")}) for r in rows]
 
 
 # %% ../../nbs/pruning/08a_matched.ipynb #5354fd2a
@@ -122,12 +131,9 @@ def matched_figure(model, batch: dict, methods: list[PruningMethod], acc: dict, 
     for m in methods:
         pts = sorted(((flops_fraction(model, batch, m, float(r)), v[metric]) for r, v in acc[setting][m.label].items()),
                      key=lambda p: p[0])                                   # two ratios may keep the same tokens
-        y = [v["mean"] if isinstance(v, dict) else v for _, v in pts]
-        err = [[y_ - v.get("lo", y_), v.get("hi", y_) - y_] if isinstance(v, dict) else [0, 0]
-               for y_, (_, v) in zip(y, pts)]
-        ax.errorbar([f for f, _ in pts], y, yerr=[[0 if math.isnan(e[0]) else e[0] for e in err],
-                                                  [0 if math.isnan(e[1]) else e[1] for e in err]],
-                    marker="o", ms=3, capsize=2, label=m.label)
+        cis = [v if isinstance(v, dict) else dict(mean=v, lo=v, hi=v) for _, v in pts]     # a plain value: no bar
+        ax.errorbar([f for f, _ in pts], [c["mean"] for c in cis], yerr=interval_errors(cis), marker="o", ms=3,
+                    capsize=2, label=m.label)
     for b in budgets: ax.axvline(b, c="gray", ls=":", lw=1)
     if baseline is not None: ax.axhline(baseline, c="k", ls="--", lw=1, label="unpruned")
     ax.set(xlabel="analytic FLOPs to the first token (share of unpruned)", ylabel=f"accuracy ({metric})",

@@ -5,7 +5,6 @@
 # %% ../../nbs/pruning/09_study.ipynb #65a3fd3f
 from __future__ import annotations
 import time
-from math import nan
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +23,7 @@ from ..llava.vqa_data import (SCENE_ANSWERS, VQA_ANSWERS, load_vqa, make_scene_v
                                         scene_vqa_root, shape_vqa_root, split_overlap)
 from .base import SETTINGS, keep_count, method_settings, parse_setting, pruned_logits
 from .evaluate import METRICS, hit_rates, seed_rates, sweep_hits
-from .matched import matched_plan
+from .matched import matched_plan, plan_ratios
 from .fastv import FastV
 from .harness import experiment_methods
 from .learned import PROMPT_KEYS, TokenScorer, check_keep_ratios, check_objective, train_scorer
@@ -141,9 +140,9 @@ def first_rows(split: dict, n: int, device) -> dict:
 # %% ../../nbs/pruning/09_study.ipynb #4914fe30
 def sweep_ratios(methods, keep_ratios, matched: dict, n_image: int, n_layers: int) -> dict:
     "Per method label: the keep ratios it reaches and the ratios of its FLOPs budgets, each once, descending."
-    return {m.label: sorted({*(r for r in keep_ratios if m.reachable(n_image, r, n_layers)),
-                             *(r for r in matched.get(m.label, {}).values() if r is not None)}, reverse=True)
-            for m in methods}
+    planned = plan_ratios(matched, keep_ratios)
+    return {m.label: [r for r in planned.get(m.label, sorted(set(keep_ratios), reverse=True))
+                      if m.reachable(n_image, r, n_layers)] for m in methods}
 
 
 # %% ../../nbs/pruning/09_study.ipynb #11b97c21
@@ -219,15 +218,13 @@ def cost_summary(costs: list[dict], fastv_speed: list[dict], K: int) -> dict:
     for r in [r for r in costs if r["keep_ratio"] == 0.25]:
         m, b = r["method"], r["batch"]
         if b == 1:
-            out[f"{m} @ keep 0.25: analytic FLOPs vs unpruned"] = dict(mean=r["flops_ratio"], lo=nan, hi=nan, n=1)
-            out[f"{m} @ keep 0.25: KV cache vs unpruned"] = dict(mean=r["kv_ratio"], lo=nan, hi=nan, n=1)
+            out[f"{m} @ keep 0.25: analytic FLOPs vs unpruned"] = mean_ci([r["flops_ratio"]])   # one value: no interval
+            out[f"{m} @ keep 0.25: KV cache vs unpruned"] = mean_ci([r["kv_ratio"]])
         out[f"{m} @ keep 0.25: end-to-end latency vs unpruned (measured, batch {b})"] = r["latency_ratio_ci"]
     half = next((r for r in fastv_speed if r["K"] is not None and r["keep_ratio"] == 0.5), None)
     if half:
-        out[f"fastv_k{K} @ keep 0.5: prefill speedup (analytic, paper FLOPs)"] = dict(mean=half["ideal_speedup"],
-                                                                                      lo=nan, hi=nan, n=1)
-        out[f"fastv_k{K} @ keep 0.5: prefill speedup (measured, best of repeats)"] = dict(
-            mean=half["measured_speedup"], lo=nan, hi=nan, n=1)
+        out[f"fastv_k{K} @ keep 0.5: prefill speedup (analytic, paper FLOPs)"] = mean_ci([half["ideal_speedup"]])
+        out[f"fastv_k{K} @ keep 0.5: prefill speedup (measured, best of repeats)"] = mean_ci([half["measured_speedup"]])
     return out
 
 
